@@ -1,0 +1,403 @@
+"""Drop-in for SCAIL's ``diffusion_video``: ``SATVideoDiffusionEngine``.
+
+Same constructor (``args``) and the attributes and methods that sampling
+uses, so upstream's own ``sampling_main`` runs against it too. What differs:
+
+* nothing touches the GPU while building: T5, CLIP and the VAE get their
+  ``device`` from here (upstream's defaults call
+  ``torch.cuda.current_device()`` at import time), and ``empty_weights=True``
+  builds the DiT on ``meta`` for the weights loader to fill;
+* with one process, attention skips the Ulysses all-to-all collectives
+  (:mod:`scail_win.attention`) and no barrier or broadcast is issued;
+* where each component lives, and when it moves, is decided in one place:
+  :meth:`SATVideoDiffusionEngine.phase`, which asks the memory plan.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import importlib
+import logging
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .lazy_init import empty_weights as _empty_weights, skip_init
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WRAPPER = "sgm.modules.diffusionmodules.wrappers.OpenAIWrapper"
+FUSED_ROPE_TARGET = "scail_win.rope3d.Rotary3DPositionEmbeddingMixin"
+
+
+def _instantiate(config):
+    from sgm.util import instantiate_from_config
+    return instantiate_from_config(config)
+
+
+def _sequence_parallel_size() -> int:
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 1
+    from sat import mpu
+    try:
+        return mpu.get_sequence_parallel_world_size()
+    except (AssertionError, AttributeError, TypeError):
+        return 1
+
+
+def _model_parallel_size() -> int:
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 1
+    from sat import mpu
+    try:
+        return mpu.get_model_parallel_world_size()
+    except (AssertionError, AttributeError, TypeError):
+        return 1
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def _dtype_from_args(args) -> Tuple[torch.dtype, str]:
+    if getattr(args, "fp16", False):
+        return torch.float16, "fp16"
+    if getattr(args, "bf16", False):
+        return torch.bfloat16, "bf16"
+    return torch.float32, "fp32"
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class SATVideoDiffusionEngine(nn.Module):
+    """SCAIL's video diffusion engine for inference (drop-in).
+
+    ``empty_weights=True`` (used by scail-win's own loader) builds the DiT
+    without storage; the default builds it on the CPU without random
+    initialisation, which is what upstream's ``get_model`` +
+    ``load_checkpoint`` expect.
+    """
+
+    def __init__(self, args, empty_weights: bool = False, **kwargs):
+        super().__init__()
+        model_config = args.model_config
+        self.args = args
+        self.log_keys = model_config.get("log_keys", None)
+        self.input_key = model_config.get("input_key", "mp4")
+        self.use_pd = model_config.get("use_pd", False)
+        self.use_i2v_clip = model_config.get("use_i2v_clip", False)
+        self.i2v_encode_video = model_config.get("i2v_encode_video", False)
+        self.untrainable_prefixs = model_config.get("untrainable_prefixs", ["first_stage_model", "conditioner"])
+        self.en_and_decode_n_samples_a_time = model_config.get("en_and_decode_n_samples_a_time", None)
+        self.lora_train = model_config.get("lora_train", False)
+        self.noised_image_input = model_config.get("noised_image_input", False)
+        self.noised_image_all_concat = model_config.get("noised_image_all_concat", False)
+        self.image_cond_dropout = model_config.get("image_cond_dropout", 0.0)
+        self.pose_dropout = model_config.get("pose_dropout", 0.0)
+        self.use_pose = model_config.get("use_pose", False)
+        self.latent_input = model_config.get("latent_input", False)
+        self.scale_factor = model_config.get("scale_factor", 1.0)
+        self.disable_first_stage_autocast = model_config.get("disable_first_stage_autocast", False)
+        self.no_cond_log = self.disable_first_stage_autocast
+        self.dtype, self.dtype_str = _dtype_from_args(args)
+        self.device = torch.device(getattr(args, "device", "cpu") if not isinstance(getattr(args, "device", "cpu"), int)
+                                   else f"cuda:{args.device}")
+        self.compute_device = self.device
+        self.memory_plan = None
+        self._block_swap = None
+
+        self.model = self._build_network(model_config, empty_weights)
+        self.denoiser = _instantiate(model_config["denoiser_config"])
+        sampler_config = model_config.get("sampler_config", None)
+        self.sampler = _instantiate(sampler_config) if sampler_config is not None else None
+        if self.sampler is not None:
+            self.sampler.device = self.device
+        loss_fn_config = model_config.get("loss_fn_config", None)
+        self.loss_fn = _instantiate(loss_fn_config) if loss_fn_config is not None else None
+
+        # T5 (11 GB), CLIP and the VAE are built on first use, on the CPU:
+        # a run whose text embeddings are cached never loads T5 at all.
+        self._conditioner_config = model_config.get("conditioner_config", None)
+        self._i2v_clip_config = model_config.get("i2v_clip_config", None) if self.use_i2v_clip else None
+        self._first_stage_config = model_config.get("first_stage_config", None)
+        self._lazy: Dict[str, object] = {}
+
+    # -- construction -------------------------------------------------------
+
+    def _build_network(self, model_config, empty_weights: bool) -> nn.Module:
+        network_config = copy.deepcopy(model_config["network_config"])
+        params = network_config["params"]
+        params["dtype"] = self.dtype_str
+        params["use_i2v_clip"] = self.use_i2v_clip
+        transformer_args = params.get("transformer_args", None)
+        if transformer_args is not None:
+            transformer_args["skip_init"] = True
+            transformer_args["checkpoint_activations"] = False
+        rope_mode = getattr(self.args, "rope_mode", "fp32")
+        pos_embed = params.get("modules", {}).get("pos_embed_config", None)
+        if pos_embed is not None and rope_mode in ("fp32", "exact") and _fused_rope_available():
+            pos_embed["target"] = FUSED_ROPE_TARGET
+            pos_embed.setdefault("params", {})["rope_mode"] = rope_mode
+
+        dit_module = importlib.import_module(network_config["target"].rsplit(".", 1)[0])
+        build = _empty_weights() if empty_weights else skip_init()
+        swap = contextlib.nullcontext()
+        if _sequence_parallel_size() == 1 and hasattr(dit_module, "UlyessAttentionMixin"):
+            from .attention import make_single_process_mixin_class
+            swap = _patched(dit_module, "UlyessAttentionMixin", make_single_process_mixin_class())
+        with build, swap:
+            network = _instantiate(network_config)
+        if not empty_weights:
+            network = network.to(self.dtype)
+        wrapper_target = model_config.get("network_wrapper", None) or DEFAULT_WRAPPER
+        from sgm.util import get_obj_from_str
+        wrapper = get_obj_from_str(wrapper_target)
+        return wrapper(network, compile_model=model_config.get("compile_model", False), dtype=self.dtype)
+
+    def _build_lazy(self, name: str):
+        if name in self._lazy:
+            return self._lazy[name]
+        if name == "conditioner":
+            from sgm.modules import UNCONDITIONAL_CONFIG
+            config = copy.deepcopy(self._conditioner_config or UNCONDITIONAL_CONFIG)
+            for emb in config.get("params", {}).get("emb_models", []):
+                if "T5EncoderModel" in emb.get("target", ""):
+                    emb.setdefault("params", {})["device"] = "cpu"
+            log.info("loading the text encoder")
+            obj = _instantiate(config)
+        elif name == "i2v_clip":
+            if self._i2v_clip_config is None:
+                return None
+            config = copy.deepcopy(self._i2v_clip_config)
+            config.setdefault("params", {})["device"] = "cpu"
+            log.info("loading the CLIP image encoder")
+            obj = _instantiate(config)
+        elif name == "first_stage_model":
+            config = copy.deepcopy(self._first_stage_config)
+            config.setdefault("params", {})["device"] = "cpu"
+            log.info("loading the VAE")
+            obj = _instantiate(config)
+            inner = obj.model if hasattr(obj, "model") and isinstance(obj.model, nn.Module) else obj
+            for p in inner.parameters():
+                p.requires_grad_(False)
+        else:
+            raise KeyError(name)
+        self._lazy[name] = obj
+        if isinstance(obj, nn.Module):
+            self.add_module(name, obj)
+        return obj
+
+    @property
+    def conditioner(self):
+        return self._build_lazy("conditioner")
+
+    @property
+    def i2v_clip(self):
+        return self._build_lazy("i2v_clip")
+
+    @property
+    def first_stage_model(self):
+        return self._build_lazy("first_stage_model")
+
+    def reinit(self, parent_model=None):
+        """Upstream hook; inference has nothing to re-initialise."""
+
+    def disable_untrainable_params(self):
+        """Upstream hook for training; inference keeps every parameter frozen."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    # -- placement ------------------------------------------------------------
+
+    def set_memory_plan(self, plan, compute_device: Optional[torch.device] = None) -> None:
+        """Adopt ``plan`` (a :class:`scail_win.memory.MemoryPlan`); see :meth:`phase`."""
+        self.memory_plan = plan
+        if compute_device is not None:
+            self.compute_device = torch.device(compute_device)
+
+    def _text_encoder(self):
+        embedders = getattr(self.conditioner, "embedders", [])
+        return embedders[0] if len(embedders) else None
+
+    def _move_component(self, name: str, device: torch.device) -> None:
+        if name == "text":
+            emb = self._text_encoder()
+            if emb is None:
+                return
+            target = device
+            if self.memory_plan is not None and getattr(self.memory_plan, "t5_placement", "gpu") == "cpu":
+                target = torch.device("cpu")
+            emb.to(target)
+            if hasattr(emb, "device"):
+                emb.device = target
+        elif name == "clip":
+            clip = self.i2v_clip
+            if clip is None:
+                return
+            clip.model.to(device)
+            clip.device = device
+        elif name == "vae":
+            vae = self.first_stage_model
+            if isinstance(vae, nn.Module):
+                vae.to(device)
+                return
+            vae.model.to(device)
+            vae.mean, vae.std = vae.mean.to(device), vae.std.to(device)
+            vae.scale = [vae.mean, 1.0 / vae.std]
+            vae.device = device
+        elif name == "denoise":
+            if self._block_swap is not None:
+                return
+            self.model.to(device)
+        else:
+            raise KeyError(name)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[torch.device]:
+        """Run one phase (``text``, ``clip``, ``vae``, ``denoise``) on the compute device.
+
+        The component comes to the compute device for the phase and goes
+        back to the CPU after it, unless the plan keeps it resident (the DiT
+        on a card that holds it); memory is collected at every boundary.
+        """
+        device = self.compute_device
+        keep = self.memory_plan is not None and name in getattr(self.memory_plan, "resident_phases", ())
+        if device.type == "cpu" and name != "denoise":
+            keep = True
+        self._move_component(name, device)
+        try:
+            yield device
+        finally:
+            if not keep:
+                self._move_component(name, torch.device("cpu"))
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # -- first stage ------------------------------------------------------------
+
+    def _vae_call(self, fn_name: str, x: torch.Tensor) -> torch.Tensor:
+        from . import vae_tiling
+        vae = self.first_stage_model
+        plan = self.memory_plan
+        tiling = getattr(plan, "vae_tiling", False) if plan is not None else False
+        if tiling:
+            return getattr(vae_tiling, f"tiled_{fn_name}")(vae, x, **getattr(plan, "vae_tile_kwargs", {}))
+        return getattr(vae, fn_name)(x)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z):
+        z = 1.0 / self.scale_factor * z
+        n_samples = self.en_and_decode_n_samples_a_time or z.shape[0]
+        outs = [self._vae_call("decode", z[i:i + n_samples]) for i in range(0, z.shape[0], n_samples)]
+        return torch.cat(outs, dim=0)
+
+    @torch.no_grad()
+    def encode_first_stage(self, x, batch, force_encode=False):
+        if not force_encode and self.latent_input:
+            return x * self.scale_factor
+        n_samples = self.en_and_decode_n_samples_a_time or x.shape[0]
+        outs = [self._vae_call("encode", x[i:i + n_samples]) for i in range(0, x.shape[0], n_samples)]
+        z = self.scale_factor * torch.cat(outs, dim=0)
+        if _model_parallel_size() > 1 or _sequence_parallel_size() > 1:
+            from sat import mpu
+            torch.distributed.broadcast(z, src=mpu.get_data_broadcast_src_rank(),
+                                        group=mpu.get_data_broadcast_group())
+        return z
+
+    # -- sampling -----------------------------------------------------------------
+
+    def initial_noise(self, batch_size: int, shape) -> torch.Tensor:
+        """The starting latents, drawn exactly as upstream draws them (CPU RNG)."""
+        return torch.randn(batch_size, *shape).to(torch.float32).to(self.compute_device)
+
+    def sigmas(self, x: torch.Tensor, cond, uc):
+        """Upstream sampler's schedule and prepared inputs: (x, s_in, sigmas, cond, uc)."""
+        x, s_in, sigmas, num_sigmas, cond, uc, *_ = self.sampler.prepare_sampling_loop(x, cond, uc)
+        return x, s_in, sigmas, cond, uc
+
+    @torch.no_grad()
+    def sample(self, cond: Dict, uc: Union[Dict, None] = None, batch_size: int = 16,
+               shape: Union[None, Tuple, List] = None, prefix=None, concat_images=None,
+               ofs=None, fps=None, tile_indices=None, *, start_step: int = 0,
+               start_latents: Optional[torch.Tensor] = None,
+               step_callback: Optional[Callable[[int, int, torch.Tensor], None]] = None, **kwargs):
+        """Denoise from noise (or from ``start_latents`` at ``start_step``).
+
+        Each step is upstream's own ``sampler_step``; ``step_callback(i, n,
+        x)`` runs after step ``i`` of ``n`` (progress, checkpoints).
+        """
+        if tile_indices is not None:
+            raise NotImplementedError("tiled long-video sampling (RFSamplerLong) is not supported")
+        randn = self.initial_noise(batch_size, shape)
+        if prefix is not None:
+            randn = torch.cat([prefix, randn[:, prefix.shape[1]:]], dim=1)
+        sp_size = _sequence_parallel_size()
+        chunk_dim = None
+        if _model_parallel_size() > 1 or sp_size > 1:
+            randn, chunk_dim = self._scatter_for_sequence_parallel(randn, shape, cond, uc, sp_size)
+
+        def denoiser(input, sigma, c, **extra):
+            return self.denoiser(self.model, input, sigma, c, concat_images=concat_images,
+                                 chunk_dim=chunk_dim, **extra)
+
+        x, s_in, sigmas, cond, uc = self.sigmas(randn, cond, uc)
+        if start_latents is not None:
+            x = start_latents.to(device=x.device, dtype=x.dtype)
+        n = len(sigmas) - 1
+        with self.phase("denoise"):
+            for i in range(start_step, n):
+                x = self.sampler.sampler_step(s_in * sigmas[i], s_in * sigmas[i + 1], denoiser, x, cond, uc)
+                if step_callback is not None:
+                    step_callback(i, n, x)
+        samples = x.to(self.dtype)
+        if sp_size > 1:
+            samples = self._gather_from_sequence_parallel(samples, chunk_dim, sp_size)
+        return samples
+
+    def _scatter_for_sequence_parallel(self, randn, shape, cond, uc, sp_size):
+        """Multi-process path: upstream's broadcast of the noise and split of the inputs."""
+        from sat import mpu
+        torch.distributed.broadcast(randn, src=mpu.get_data_broadcast_src_rank(),
+                                    group=mpu.get_data_broadcast_group())
+        if sp_size == 1:
+            return randn, None
+        rank = mpu.get_sequence_parallel_rank()
+        h, w = shape[-2:]
+        chunk_dim = 3 if h < w else 4
+        randn = torch.chunk(randn, sp_size, dim=chunk_dim)[rank]
+        for key in ("concat", "concat_images", "ref_concat", "concat_pose",
+                    "concat_smpl_render", "concat_cheek_hands", "smpl_tiled"):
+            if key in cond:
+                dim = chunk_dim + 1 if key == "smpl_tiled" else chunk_dim
+                uc[key] = torch.chunk(uc[key], sp_size, dim=dim)[rank]
+                cond[key] = torch.chunk(cond[key], sp_size, dim=dim)[rank]
+        return randn, chunk_dim
+
+    def _gather_from_sequence_parallel(self, samples, chunk_dim, sp_size):
+        from sat import mpu
+        rank = mpu.get_sequence_parallel_rank()
+        gather_list = [torch.zeros_like(samples) for _ in range(sp_size)] if rank == 0 else None
+        torch.distributed.gather(samples, dst=mpu.get_sequence_parallel_src_rank(),
+                                 gather_list=gather_list, group=mpu.get_sequence_parallel_group())
+        return torch.cat(gather_list, dim=chunk_dim) if rank == 0 else samples
+
+
+def _fused_rope_available() -> bool:
+    try:
+        importlib.import_module("scail_win.rope3d")
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,422 @@
+"""`python -m scail_win doctor`: can this machine run SCAIL with scail-win?
+
+One line per check, OK / WARN / FAIL with the fix in a few words; exit
+status 1 when anything FAILs.  ``--json`` prints the same as JSON.  The
+weights checks are the loader's own (:func:`scail_win.weights.verify_weights_dir`).
+Nothing here needs a GPU, deepspeed, triton or psutil; missing pieces are
+reported, never raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from scail_win.weights import detect_layout, human_bytes, verify_weights_dir
+
+GIB = 2**30
+MIN_TORCH = (2, 1)
+MIN_VRAM_GIB = 8  # the smallest card scail-win targets
+MIN_RAM_GIB = 16  # the weights issue's low-RAM target machine
+DISK_FAIL_GIB, DISK_WARN_GIB = 1, 5
+OPTIONAL = ("triton", "deepspeed", "decord", "flash_attn")
+TORCH_INSTALL = "install CUDA torch from https://pytorch.org/get-started/locally/ (pip --index-url ...whl/cu128)"
+SCAIL_MARKERS = ("dit_video_crossattn_sc_xc.py", "sat", "sgm")
+EXAMPLE_VIDEO = Path("examples") / "001" / "rendered.mp4"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "OK" | "WARN" | "FAIL"
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"{self.status:<4}  {self.name:<12} {self.detail}"
+        return f"{text} -- fix: {self.fix}" if self.fix and self.status != "OK" else text
+
+
+# --------------------------------------------------------------------------
+# platform facts
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo as bytes."""
+    out = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            out[key.strip()] = int(fields[0]) * (1024 if len(fields) > 1 and fields[1] == "kB" else 1)
+    return out
+
+
+def memory_info() -> dict[str, int] | None:
+    """Total/available RAM and swap (page file on Windows) in bytes, or None."""
+    if sys.platform == "win32":
+        class MEMORYSTATUSEX(ctypes.Structure):
+            _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                        ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                        ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                        ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                        ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+        stat = MEMORYSTATUSEX()
+        stat.dwLength = ctypes.sizeof(MEMORYSTATUSEX)
+        if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(stat)):
+            return None
+        # The "page file" totals are the commit limit: RAM plus page files.
+        return {"ram_total": stat.ullTotalPhys, "ram_available": stat.ullAvailPhys,
+                "swap_total": max(0, stat.ullTotalPageFile - stat.ullTotalPhys),
+                "swap_free": max(0, stat.ullAvailPageFile - stat.ullAvailPhys),
+                "commit_limit": stat.ullTotalPageFile}
+    try:
+        info = parse_meminfo(Path("/proc/meminfo").read_text(encoding="ascii"))
+        return {"ram_total": info["MemTotal"], "ram_available": info.get("MemAvailable", info.get("MemFree", 0)),
+                "swap_total": info.get("SwapTotal", 0), "swap_free": info.get("SwapFree", 0)}
+    except (OSError, KeyError):
+        pass
+    try:
+        return {"ram_total": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def is_scail_tree(path: Path) -> bool:
+    try:
+        hook = importlib.import_module("scail_win.hook")
+        if callable(getattr(hook, "is_scail_tree", None)):
+            return bool(hook.is_scail_tree(path))
+    except ImportError:
+        pass
+    return all((path / m).exists() for m in SCAIL_MARKERS)
+
+
+def git_commit(root: Path) -> str | None:
+    """'<sha12> (<branch>)' of a git clone, read from .git without the git binary."""
+    git = root / ".git"
+    try:
+        if git.is_file():  # worktree or submodule: "gitdir: <path>"
+            target = git.read_text(encoding="utf-8").strip().removeprefix("gitdir:").strip()
+            git = (root / target).resolve()
+        head = (git / "HEAD").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    if not head.startswith("ref:"):
+        return head[:12] or None
+    ref = head[4:].strip()
+    common = git
+    if (git / "commondir").is_file():
+        common = (git / (git / "commondir").read_text(encoding="utf-8").strip()).resolve()
+    branch = ref.removeprefix("refs/heads/")
+    for base in (git, common):
+        with_ref = base / ref
+        if with_ref.is_file():
+            return f"{with_ref.read_text(encoding='utf-8').strip()[:12]} ({branch})"
+    packed = common / "packed-refs"
+    if packed.is_file():
+        for line in packed.read_text(encoding="utf-8").splitlines():
+            sha, _, name = line.partition(" ")
+            if name.strip() == ref:
+                return f"{sha[:12]} ({branch})"
+    return f"unborn branch {branch}"
+
+
+# --------------------------------------------------------------------------
+# the checks
+
+
+def check_python() -> Check:
+    v = sys.version_info
+    text = f"{platform.python_version()} ({sys.executable})"
+    if v < (3, 10):
+        return Check("python", "FAIL", text, "install Python 3.10, 3.11 or 3.12")
+    if v >= (3, 13):
+        return Check("python", "WARN", f"{text}: untested, SCAIL's pinned packages support 3.10-3.12",
+                     "use Python 3.10-3.12")
+    return Check("python", "OK", text)
+
+
+def check_torch() -> tuple[list[Check], object]:
+    try:
+        import torch
+    except (ImportError, OSError) as e:  # OSError: a DLL that fails to load on Windows
+        return [Check("torch", "FAIL", f"not importable ({e})", TORCH_INSTALL)], None
+    checks = []
+    if _version_tuple(torch.__version__) < MIN_TORCH:
+        checks.append(Check("torch", "FAIL", f"{torch.__version__}: scail-win needs >= 2.1", TORCH_INSTALL))
+    else:
+        checks.append(Check("torch", "OK", torch.__version__))
+    cuda = torch.version.cuda
+    if cuda is None:
+        checks.append(Check("cuda", "WARN", "this torch build has no CUDA: sampling falls back to the CPU, "
+                            "impractically slow for the 14B model", TORCH_INSTALL))
+    elif not torch.cuda.is_available():
+        checks.append(Check("cuda", "WARN", f"torch built for CUDA {cuda}, but no usable GPU or driver",
+                            "install or update the NVIDIA driver"))
+    else:
+        checks.append(Check("cuda", "OK", f"CUDA {cuda}, driver OK"))
+    return checks, torch
+
+
+def check_gpus(torch) -> list[Check]:
+    if torch is None or not torch.cuda.is_available():
+        return [Check("gpu", "WARN", "no CUDA GPU found", "scail-win needs an NVIDIA GPU with >= 8 GB")]
+    checks = []
+    for i in range(torch.cuda.device_count()):
+        name = torch.cuda.get_device_name(i)
+        try:
+            free, total = torch.cuda.mem_get_info(i)
+        except RuntimeError as e:
+            checks.append(Check(f"gpu{i}", "WARN", f"{name}: cannot query memory ({e})", "check the driver"))
+            continue
+        text = f"{name}, {total / GIB:.1f} GiB VRAM, {free / GIB:.1f} GiB free"
+        if total < MIN_VRAM_GIB * GIB * 0.95:
+            checks.append(Check(f"gpu{i}", "WARN", f"{text}: below the {MIN_VRAM_GIB} GB scail-win targets",
+                                "try a lower resolution and --vram-budget"))
+        else:
+            checks.append(Check(f"gpu{i}", "OK", text))
+    return checks
+
+
+def check_memory() -> list[Check]:
+    mem = memory_info()
+    if mem is None:
+        return [Check("ram", "WARN", "cannot read the memory size on this system", "")]
+    total = mem["ram_total"]
+    text = f"{total / GIB:.1f} GiB total"
+    if "ram_available" in mem:
+        text += f", {mem['ram_available'] / GIB:.1f} GiB available"
+    checks = [Check("ram", "OK", text) if total >= MIN_RAM_GIB * GIB * 0.95 else
+              Check("ram", "WARN", f"{text}: below {MIN_RAM_GIB} GB",
+                    "convert the weights with --dtype fp8_e4m3fn and use a low --ram-budget")]
+    if "swap_total" in mem:
+        label = "page file" if sys.platform == "win32" else "swap"
+        detail = f"{label} {mem['swap_total'] / GIB:.1f} GiB, {mem['swap_free'] / GIB:.1f} GiB free"
+        checks.append(Check("swap", "OK", detail))
+    return checks
+
+
+def check_optional() -> list[Check]:
+    checks = []
+    for name in OPTIONAL:
+        # find_spec only: importing deepspeed or triton can take seconds or crash.
+        if importlib.util.find_spec(name) is None:
+            checks.append(Check(name, "OK", "not installed (not needed)"))
+            continue
+        try:
+            version = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            version = "version unknown"
+        checks.append(Check(name, "OK", f"installed ({version}); scail-win does not need it"))
+    return checks
+
+
+def check_hook() -> Check:
+    """The startup hook's state as scail_win.hook.status() reports it."""
+    try:
+        hook = importlib.import_module("scail_win.hook")
+        status = hook.status()
+        head = hook.format_status(status).splitlines()[0] if callable(getattr(hook, "format_status", None)) else ""
+    except ImportError as e:
+        return Check("hook", "WARN", f"scail_win.hook unavailable ({e})", "reinstall scail-win")
+    except Exception as e:  # a broken hook must not break the doctor
+        return Check("hook", "WARN", f"hook status failed: {e.__class__.__name__}: {e}", "reinstall scail-win")
+    rows = status.get("redirects") or []
+    listing = ", ".join(f"{r.get('name')} -> {r.get('target')} ({r.get('state')})" for r in rows) or "nothing"
+    if not status.get("active"):
+        reason = head.partition(": ")[2] or "not installed in this Python"
+        return Check("hook", "WARN", f"inactive: {reason}",
+                     "unset SCAIL_WIN_DISABLE, or `pip install scail-win` in this environment")
+    early = [r.get("name") for r in rows if str(r.get("state", "")).startswith("not redirected")]
+    if early:
+        return Check("hook", "WARN", f"active, but imported before the hook: {', '.join(early)}; {listing}",
+                     "do not start Python with -S; import nothing from SCAIL before scail-win")
+    return Check("hook", "OK", f"active; {listing}")
+
+
+def find_scail_root(explicit: str | None) -> tuple[Path | None, str]:
+    """The SCAIL checkout to use and where it came from."""
+    if explicit:
+        return Path(explicit), "--scail"
+    if os.environ.get("SCAIL_ROOT"):
+        return Path(os.environ["SCAIL_ROOT"]), "SCAIL_ROOT"
+    try:
+        hook = importlib.import_module("scail_win.hook")
+        found = hook.find_scail_root(Path.cwd()) if callable(getattr(hook, "find_scail_root", None)) else None
+        if found:
+            return Path(found), "search from the current folder"
+    except Exception:  # the hook's search is a convenience; fall back to the current folder
+        pass
+    return (Path.cwd(), "current folder") if is_scail_tree(Path.cwd()) else (None, "")
+
+
+def check_scail(explicit: str | None) -> tuple[Check, Path | None]:
+    root, origin = find_scail_root(explicit)
+    if root is None:
+        return Check("scail", "WARN", "no SCAIL checkout in the current folder, --scail or SCAIL_ROOT",
+                     "run inside the SCAIL checkout or pass --scail DIR"), None
+    if not is_scail_tree(root):
+        return Check("scail", "FAIL", f"{root} ({origin}) is not a SCAIL checkout "
+                     "(no dit_video_crossattn_sc_xc.py beside sat/ and sgm/)",
+                     "git clone https://github.com/zai-org/SCAIL and pass its folder"), None
+    commit = git_commit(root)
+    detail = f"{root} ({origin})" + (f", git {commit}" if commit else ", not a git clone")
+    return Check("scail", "OK", detail), root
+
+
+def check_weights(explicit: str | None, scail_root: Path | None) -> list[Check]:
+    if explicit:
+        root = Path(explicit)
+    else:
+        candidates = [p / "SCAIL-Preview" for p in (scail_root, Path.cwd()) if p is not None]
+        root = next((p for p in candidates if p.is_dir()), None)
+        if root is None:
+            return [Check("weights", "FAIL", "no weights folder (SCAIL-Preview) found beside the checkout "
+                          "or in the current folder", "pass --weights DIR")]
+    kind = detect_layout(root)
+    checks = [Check("weights", "OK", f"{root}: {kind} layout")] if kind else []
+    return checks + [Check("weights", fc.status, fc.message, fc.fix) for fc in verify_weights_dir(root)]
+
+
+def _encode_h264(path: Path, frames: int = 8, size: int = 64) -> None:
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264" if "libx264" in av.codecs_available else "h264", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img = np.full((size, size, 3), i * 20, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _decode(path: Path, limit: int = 8) -> tuple[int, int, int]:
+    import av
+
+    with av.open(str(path)) as f:
+        n = 0
+        for frame in f.decode(video=0):
+            width, height = frame.width, frame.height
+            n += 1
+            if n >= limit:
+                break
+    if n == 0:
+        raise ValueError("no video frames")
+    return n, width, height
+
+
+def check_video(scail_root: Path | None) -> list[Check]:
+    try:
+        import av
+    except ImportError as e:
+        return [Check("video", "FAIL", f"PyAV not importable ({e})", "pip install av")]
+    checks = []
+    with tempfile.TemporaryDirectory(prefix="scail_win_doctor_") as tmp:
+        clip = Path(tmp) / "h264 test.mp4"
+        try:
+            _encode_h264(clip)
+            _decode(clip)
+            checks.append(Check("h264", "OK", f"PyAV {av.__version__} encodes and decodes H.264"))
+        except Exception as e:  # any codec failure is the finding itself
+            checks.append(Check("h264", "FAIL", f"PyAV {av.__version__} cannot encode H.264 ({e})",
+                                "pip install --force-reinstall av (its wheels ship FFmpeg with libx264)"))
+        example = scail_root / EXAMPLE_VIDEO if scail_root else None
+        if example is not None and example.is_file():
+            try:
+                n, w, h = _decode(example)
+                checks.append(Check("decode", "OK", f"{example}: {w}x{h}, decoded {n} frames"))
+            except Exception as e:  # a broken file or codec is the finding
+                checks.append(Check("decode", "FAIL", f"{example}: cannot decode ({e})",
+                                    "restore the example (git checkout) or reinstall av"))
+    return checks
+
+
+def check_disk(output: Path) -> Check:
+    probe = output
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError as e:
+        return Check("disk", "WARN", f"{output}: cannot read free space ({e.strerror})", "")
+    text = f"{output}: {human_bytes(free)} free"
+    if free < DISK_FAIL_GIB * GIB:
+        return Check("disk", "FAIL", text, "free disk space or pass another output folder")
+    if free < DISK_WARN_GIB * GIB:
+        return Check("disk", "WARN", text, "resume checkpoints and videos need a few GB")
+    return Check("disk", "OK", text)
+
+
+def run_checks(weights: str | None = None, scail: str | None = None, output: str = "samples") -> list[Check]:
+    checks = [check_python()]
+    torch_checks, torch = check_torch()
+    checks += torch_checks
+    checks += check_gpus(torch)
+    checks += check_memory()
+    checks += check_optional()
+    checks.append(check_hook())
+    scail_check, scail_root = check_scail(scail)
+    checks.append(scail_check)
+    checks += check_weights(weights, scail_root)
+    checks += check_video(scail_root)
+    checks.append(check_disk(Path(output)))
+    return checks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scail-win doctor",
+                                description="Check this machine, the SCAIL checkout and the weights for scail-win.")
+    p.add_argument("--weights", help="the weights folder (SCAIL-Preview, or one made by convert); "
+                                     "default: SCAIL-Preview beside the checkout or in the current folder")
+    p.add_argument("--scail", help="the SCAIL checkout (default: SCAIL_ROOT, or the current folder)")
+    p.add_argument("--output", default="samples", help="where videos will be written (free space check)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        # Paths may hold letters the console's code page lacks; never crash on them.
+        sys.stdout.reconfigure(errors="replace")
+    checks = run_checks(args.weights, args.scail, args.output)
+    counts = {s: sum(c.status == s for c in checks) for s in ("OK", "WARN", "FAIL")}
+    if args.json:
+        print(json.dumps({"ok": counts["FAIL"] == 0, "counts": counts, "checks": [asdict(c) for c in checks]},
+                         indent=1, ensure_ascii=False))
+    else:
+        for c in checks:
+            print(c.line())
+        print(f"{len(checks)} checks: {counts['OK']} OK, {counts['WARN']} WARN, {counts['FAIL']} FAIL")
+    return 1 if counts["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,601 @@
+"""The memory plan: for a VRAM budget, where each model part lives and how
+the DiT's activations are cut so that every phase fits.
+
+Phases run one after another and each has only its own weights on the GPU:
+text encoder (umT5), image encoder (CLIP), VAE encode, DiT denoising, VAE
+decode.  :func:`plan_memory` decides, in order of cost:
+
+* DiT weights: all layers resident if everything fits; otherwise
+  ``blocks_on_gpu`` resident layer groups and the rest swapped through the
+  GPU by :class:`scail_win.offload.BlockSwap` (``1 + prefetch`` swapped
+  groups on the GPU at a time; ``prefetch`` drops to 0 only as a last
+  resort, which costs the copy/compute overlap, a few percent on consumer
+  cards).
+* DiT activations: first chunk the FFN and the per-token work around
+  attention (qk-norm, RoPE) over tokens, then run the two CFG halves one
+  after the other (``cfg_split``), which halves every activation.
+* umT5 on the GPU, block-swapped, or on the CPU; CLIP on the GPU; the VAE
+  on the GPU, tiled (sizes from :mod:`scail_win.vae_tiling`'s fitted
+  estimate) when a whole frame does not fit.
+
+Activation sizes are modelled in "widths": one (tokens x hidden) tensor in
+the activation dtype, which at 512x896x81 (48,832 tokens per sample, hidden
+5120, bf16) is 0.47 GiB.  :class:`ActivationModel` holds how many widths are
+live at a layer's peak; its defaults are estimates for our DiT path
+(SDPA attention, fused RoPE) and should be calibrated against a measured
+peak.  T5/CLIP costs come from measured peaks (see ``scail_specs``).
+
+Phase names follow the engine's: ``text``, ``clip``, ``vae_encode``,
+``denoise``, ``vae_decode``.
+
+The module also holds the two activation-cutting helpers the DiT uses:
+:func:`chunked_ffn` / :func:`chunk_forward` and :func:`split_batch_call`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from scail_win.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+# Token chunk sizes tried, largest first (None = no chunking).
+_CHUNKS = (None, 65536, 32768, 16384, 8192, 4096, 2048, 1024)
+
+
+def default_budget_bytes(total_vram_bytes: int) -> int:
+    """Card total minus 1 GiB (CUDA context, desktop) minus 1/8 (allocator slack).
+
+    An 8 GiB card gets 6 GiB of allocations; 24 GiB gets 20 GiB.
+    """
+    return int(total_vram_bytes - GiB - total_vram_bytes / 8)
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Widths live at a DiT layer's peak (see the module docstring).
+
+    attention peak = persistent + attention + token_ops * f(rope chunk)
+    FFN peak       = persistent + ffn_io + ffn_inner * (ffn / hidden) * f(ffn chunk)
+    where f(c) = c / tokens (1 when unchunked); the larger peak times
+    ``safety`` is the layer's activation memory.
+    """
+
+    persistent: float = 2.0  # residual stream + the sub-block's normalised input
+    attention: float = 5.0  # q, k, v, attention output, output projection
+    token_ops: float = 3.0  # qkv projection and qk-norm/RoPE temporaries
+    ffn_io: float = 2.0  # FFN input and output
+    ffn_inner: float = 2.0  # inner activation and its nonlinearity (ffn wide)
+    safety: float = 1.1
+
+
+@dataclass(frozen=True)
+class DiTSpec:
+    """What the planner needs to know about the DiT and one sample."""
+
+    num_layers: int
+    hidden: int
+    ffn: int
+    head_dim: int
+    tokens_per_sample: int
+    group_bytes: int  # one layer group on the GPU (after any upcast)
+    resident_bytes: int  # parameters outside the layer groups
+    cfg_batch: int = 2  # samples per model call (2 with classifier-free guidance)
+    context_tokens: int = 512 + 257  # text + CLIP image tokens
+    act_bytes: int = 2
+    group_host_bytes: int | None = None  # one group in host memory (fp8: half); default group_bytes
+    activations: ActivationModel = field(default_factory=ActivationModel)
+    label: str = ""  # e.g. "512x896, 81 frames", for messages
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """An encoder run once per prompt/image (umT5, CLIP)."""
+
+    name: str
+    weight_bytes: int
+    activation_bytes: int
+    group_bytes: int = 0  # one swappable block; 0 when it cannot be swapped
+    resident_bytes: int = 0  # what stays on the GPU while its blocks swap
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    """The video the Wan VAE encodes (the i2v clip) and decodes, in pixels."""
+
+    height: int
+    width: int
+    frames: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget_bytes: int
+    total_vram_bytes: int | None
+    num_layers: int
+    blocks_on_gpu: int
+    prefetch: int
+    offload_mode: str  # 'none' | 'pinned' | 'stream'
+    cfg_split: bool
+    ffn_chunk_tokens: int | None
+    rope_chunk_tokens: int | None
+    t5_placement: str  # 'gpu' | 'swap' | 'cpu'
+    clip_placement: str  # 'gpu' | 'cpu'
+    vae_encode_tile_px: tuple[int, int] | None  # (height, width); None = whole frames
+    vae_decode_tile_px: tuple[int, int] | None
+    peaks: dict = field(default_factory=dict)  # phase -> estimated peak allocated bytes
+    resident_phases: tuple[str, ...] = ()  # phases whose weights may stay on the GPU afterwards
+    label: str = ""
+
+    @property
+    def swapped_blocks(self) -> int:
+        return self.num_layers - self.blocks_on_gpu
+
+    @property
+    def budget_gb(self) -> float:
+        return self.budget_bytes / GiB
+
+    @property
+    def vae_tiling(self) -> bool:
+        return self.vae_encode_tile_px is not None or self.vae_decode_tile_px is not None
+
+    def vae_tile_kwargs_for(self, op: str) -> dict:
+        """Keyword arguments for ``vae_tiling.tiled_encode``/``tiled_decode`` (``op``: encode/decode)."""
+        from scail_win.vae_tiling import DEFAULT_OVERLAP_PX, WAN_SPATIAL_FACTOR
+
+        tile = {"encode": self.vae_encode_tile_px, "decode": self.vae_decode_tile_px}[op]
+        if tile is None:
+            return {}
+        if op == "encode":
+            return {"tile_px": tile, "overlap_px": DEFAULT_OVERLAP_PX}
+        f = WAN_SPATIAL_FACTOR
+        return {
+            "tile_latent": (tile[0] // f, tile[1] // f),
+            "overlap_latent": (DEFAULT_OVERLAP_PX[0] // f, DEFAULT_OVERLAP_PX[1] // f),
+        }
+
+    def describe(self) -> str:
+        """A few lines for the log, printed once per run."""
+
+        def gib(n):
+            return f"{n / GiB:.1f} GiB"
+
+        head = f"Memory plan{' for ' + self.label if self.label else ''}: budget {gib(self.budget_bytes)}"
+        if self.total_vram_bytes:
+            head += f" of {gib(self.total_vram_bytes)} on the card"
+        lines = [head]
+        t5 = {
+            "gpu": "on the GPU",
+            "swap": "blocks swapped through the GPU",
+            "cpu": "on the CPU (slow, cached)",
+        }
+
+        def vae(tile):
+            return "on the GPU, whole frames" if tile is None else f"tiled, {tile[0]}x{tile[1]} px tiles"
+
+        rows = [
+            ("text", "text encoder", t5[self.t5_placement]),
+            ("clip", "image encoder", "on the GPU" if self.clip_placement == "gpu" else "on the CPU"),
+            ("vae_encode", "VAE encode", vae(self.vae_encode_tile_px)),
+        ]
+        if self.offload_mode == "none":
+            dit = f"all {self.num_layers} layers on the GPU"
+        else:
+            dit = (
+                f"{self.blocks_on_gpu} of {self.num_layers} layers resident, {self.swapped_blocks} "
+                f"swapped ({self.offload_mode} memory, prefetch {self.prefetch})"
+            )
+        cuts = []
+        if self.cfg_split:
+            cuts.append("CFG halves one after the other")
+        if self.ffn_chunk_tokens:
+            cuts.append(f"FFN in chunks of {self.ffn_chunk_tokens} tokens")
+        if self.rope_chunk_tokens:
+            cuts.append(f"qk-norm/RoPE in chunks of {self.rope_chunk_tokens} tokens")
+        if cuts:
+            dit += "; " + "; ".join(cuts)
+        rows += [("denoise", "DiT", dit), ("vae_decode", "VAE decode", vae(self.vae_decode_tile_px))]
+        for phase, title, what in rows:
+            peak = self.peaks.get(phase)
+            tail = f"  (peak ~{gib(peak)})" if peak is not None else ""
+            lines.append(f"  {title:<14} {what}{tail}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- SCAIL sizes
+
+
+def scail_tokens_per_sample(height: int, width: int, frames: int) -> int:
+    """DiT tokens for one sample: video + reference frame + half-size pose video.
+
+    Wan VAE: 4x temporal (first frame alone), 8x spatial; patch (1, 2, 2).
+    512x896x81 -> 37,632 + 1,792 + 9,408 = 48,832.
+    """
+    for name, value in (("height", height), ("width", width), ("frames", frames)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    t = (frames - 1) // 4 + 1
+    h, w = height // 16, width // 16
+    ph, pw = height // 2 // 16, width // 2 // 16
+    return t * h * w + h * w + t * ph * pw
+
+
+def scail_layer_params(hidden: int, ffn: int) -> int:
+    """Parameters of one SCAIL layer group (self-, cross- and CLIP attention, FFN, AdaLN, qk norms)."""
+    d = hidden
+    linear = lambda i, o: i * o + o  # noqa: E731
+    return (
+        linear(d, 3 * d) + linear(d, d)  # self-attention qkv, output
+        + linear(d, d) + linear(d, 2 * d) + linear(d, d)  # cross-attention q, kv, output
+        + linear(d, 2 * d)  # CLIP image kv
+        + linear(d, ffn) + linear(ffn, d)
+        + 6 * d  # shared-AdaLN modulation
+        + 5 * d  # RMSNorms on q, k, cross q, cross k, CLIP k
+    )
+
+
+# Measured (UPSTREAM.md, baseline/README.md, bf16, H200): the DiT has
+# 16.39 B parameters in all; umT5-XXL peaks at 10.85 GiB with 10.62 GiB of
+# weights for 512 tokens; CLIP 1.24 / 1.20 GiB.
+_SCAIL_TOTAL_PARAMS = 16_390_000_000
+_UMT5 = dict(layers=24, d=4096, ff=10240, vocab=256_384, weights=10.62 * GiB, act=0.23 * GiB)
+_CLIP = dict(weights=1.20 * GiB, act=0.04 * GiB)
+
+
+def scail_specs(
+    height: int,
+    width: int,
+    frames: int,
+    *,
+    cfg_batch: int = 2,
+    dit_host_bytes_per_param: int = 2,
+    group_bytes: int | None = None,
+    resident_bytes: int | None = None,
+) -> tuple[DiTSpec, ComponentSpec, ComponentSpec, VaeSpec]:
+    """Specs for SCAIL-Preview (DiT, umT5-XXL, CLIP, VAE) at a resolution.
+
+    Pass ``group_bytes``/``resident_bytes`` measured from the loaded model
+    (``LayerGroup.numel * 2``) when available; the defaults come from the
+    layer shapes and the measured total.
+    """
+    layers, hidden, ffn, heads = 40, 5120, 13824, 40
+    per_group = scail_layer_params(hidden, ffn)
+    if group_bytes is None:
+        group_bytes = per_group * 2
+    if resident_bytes is None:
+        resident_bytes = (_SCAIL_TOTAL_PARAMS - layers * per_group) * 2
+    dit = DiTSpec(
+        num_layers=layers, hidden=hidden, ffn=ffn, head_dim=hidden // heads,
+        tokens_per_sample=scail_tokens_per_sample(height, width, frames),
+        group_bytes=group_bytes, resident_bytes=resident_bytes, cfg_batch=cfg_batch,
+        group_host_bytes=per_group * dit_host_bytes_per_param,
+        label=f"{height}x{width}, {frames} frames",
+    )
+    u = _UMT5
+    block = (4 * u["d"] * u["d"] + 3 * u["d"] * u["ff"]) * 2
+    t5 = ComponentSpec("umT5-XXL", int(u["weights"]), int(u["act"]), group_bytes=block,
+                       resident_bytes=u["vocab"] * u["d"] * 2)
+    clip = ComponentSpec("CLIP ViT-H/14", int(_CLIP["weights"]), int(_CLIP["act"]))
+    return dit, t5, clip, VaeSpec(height, width, frames)
+
+
+# ------------------------------------------------------------------- estimates
+
+
+def _fraction(chunk: int | None, tokens: int) -> float:
+    return 1.0 if chunk is None else min(1.0, chunk / tokens)
+
+
+def dit_activation_bytes(spec: DiTSpec, batch: int, ffn_chunk: int | None, rope_chunk: int | None) -> int:
+    """Peak activation bytes of one DiT layer call with ``batch`` samples."""
+    a = spec.activations
+    n = spec.tokens_per_sample
+    width = batch * n * spec.hidden * spec.act_bytes
+    attn = a.persistent + a.attention + a.token_ops * _fraction(rope_chunk, n)
+    mlp = a.persistent + a.ffn_io + a.ffn_inner * (spec.ffn / spec.hidden) * _fraction(ffn_chunk, n)
+    return int(width * max(attn, mlp) * a.safety)
+
+
+def dit_fixed_bytes(spec: DiTSpec, blocks_on_gpu: int, prefetch: int, batch: int) -> int:
+    """Weights on the GPU plus the small per-call tensors (RoPE tables, text/CLIP context)."""
+    weights = spec.resident_bytes + blocks_on_gpu * spec.group_bytes
+    if blocks_on_gpu < spec.num_layers:
+        weights += (1 + prefetch) * spec.group_bytes
+    rope = spec.tokens_per_sample * spec.head_dim * 8  # fp32 cos + sin
+    context = 4 * batch * spec.context_tokens * spec.hidden * spec.act_bytes
+    return weights + rope + context
+
+
+def _largest_chunk(limit_widths: float, base: float, per_fraction: float, tokens: int):
+    """Largest chunk from _CHUNKS with base + per_fraction * f(chunk) <= limit; False if none."""
+    for chunk in _CHUNKS:
+        if chunk is not None and chunk >= tokens:
+            continue
+        if base + per_fraction * _fraction(chunk, tokens) <= limit_widths:
+            return chunk
+    return False
+
+
+def _fit_activations(spec: DiTSpec, room: int, batch: int):
+    """(ffn_chunk, rope_chunk) for activations within ``room`` bytes, or None."""
+    a = spec.activations
+    n = spec.tokens_per_sample
+    width = batch * n * spec.hidden * spec.act_bytes
+    limit = room / (width * a.safety)
+    rope = _largest_chunk(limit, a.persistent + a.attention, a.token_ops, n)
+    ffn = _largest_chunk(limit, a.persistent + a.ffn_io, a.ffn_inner * spec.ffn / spec.hidden, n)
+    if rope is False or ffn is False:
+        return None
+    return ffn, rope
+
+
+def _dit_configs(prefetch: int):
+    """Activation/prefetch settings in order of preference (cheapest first)."""
+    for p in dict.fromkeys((prefetch, 0)):
+        for split in (False, True):
+            yield p, split
+
+
+# ------------------------------------------------------------------------ plan
+
+
+def plan_memory(
+    dit: DiTSpec,
+    *,
+    total_vram_bytes: int | None = None,
+    budget_gb: float | None = None,
+    t5: ComponentSpec | None = None,
+    clip: ComponentSpec | None = None,
+    vae: VaeSpec | None = None,
+    blocks_on_gpu: int | None = None,
+    prefetch: int = 1,
+    host_ram_bytes: int | None = None,
+    offload_mode: str | None = None,
+) -> MemoryPlan:
+    """Plan every phase within the budget (``budget_gb``, else the default for ``total_vram_bytes``).
+
+    ``blocks_on_gpu`` overrides the number of resident DiT layers (a warning,
+    not an error, if the estimate then exceeds the budget).
+    ``offload_mode`` overrides 'pinned'/'stream'; by default pinned unless
+    the swapped weights would take more than half of ``host_ram_bytes``.
+    Raises UserError when the DiT, or the VAE in its smallest tiles, cannot
+    fit, naming the minimum.
+    """
+    if budget_gb is not None:
+        if budget_gb <= 0:
+            raise UserError(f"the VRAM budget must be positive, got {budget_gb} GiB")
+        budget = int(budget_gb * GiB)
+    elif total_vram_bytes is not None:
+        budget = default_budget_bytes(total_vram_bytes)
+    else:
+        raise ValueError("plan_memory needs total_vram_bytes or budget_gb")
+    if not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
+    if offload_mode not in (None, "pinned", "stream"):
+        raise ValueError(f"offload_mode must be 'pinned' or 'stream', got {offload_mode!r}")
+    layers = dit.num_layers
+    if blocks_on_gpu is not None and not (isinstance(blocks_on_gpu, int) and 0 <= blocks_on_gpu <= layers):
+        raise UserError(f"--blocks-on-gpu must be a whole number from 0 to {layers}, got {blocks_on_gpu}")
+
+    from scail_win import vae_tiling
+
+    peaks: dict[str, int] = {}
+    # Text encoder.
+    t5_place = "gpu"
+    if t5 is not None:
+        whole = t5.weight_bytes + t5.activation_bytes
+        swap = t5.resident_bytes + (1 + max(prefetch, 1)) * t5.group_bytes + t5.activation_bytes
+        if whole <= budget:
+            peaks["text"] = whole
+        elif t5.group_bytes and swap <= budget:
+            t5_place, peaks["text"] = "swap", swap
+        else:
+            t5_place = "cpu"
+    # Image encoder.
+    clip_place = "gpu"
+    if clip is not None:
+        if clip.weight_bytes + clip.activation_bytes <= budget:
+            peaks["clip"] = clip.weight_bytes + clip.activation_bytes
+        else:
+            clip_place = "cpu"
+    # VAE (raises UserError when even its smallest tiles do not fit).
+    tiles = {}
+    if vae is not None:
+        for op in ("encode", "decode"):
+            tiles[op] = vae_tiling.pick_tile_px(vae.frames, vae.height, vae.width, budget, op)
+            peaks[f"vae_{op}"] = vae_tiling.estimate_peak_bytes(
+                op, vae.frames, vae.height, vae.width, tiles[op]
+            )
+
+    # DiT.
+    batch = dit.cfg_batch
+    full = dit_fixed_bytes(dit, layers, 0, batch) + dit_activation_bytes(dit, batch, None, None)
+    if blocks_on_gpu is None and full <= budget:
+        choice = (layers, prefetch, False, None, None)
+    else:
+        if budget_gb is not None:
+            what = f"--vram-budget {budget_gb:g} GiB"
+        else:
+            what = f"the {budget / GiB:.1f} GiB budget of this {total_vram_bytes / GiB:.1f} GiB GPU"
+        choice = _plan_dit(dit, budget, prefetch, blocks_on_gpu, what)
+    blocks, pf, split, ffn_chunk, rope_chunk = choice
+    batch = 1 if split else dit.cfg_batch
+    peaks["denoise"] = dit_fixed_bytes(dit, blocks, pf, batch) + dit_activation_bytes(
+        dit, batch, ffn_chunk, rope_chunk
+    )
+    if peaks["denoise"] > budget:
+        log.warning(
+            "--blocks-on-gpu %d: the DiT is estimated at %.1f GiB, over the %.1f GiB budget",
+            blocks, peaks["denoise"] / GiB, budget / GiB,
+        )
+    # The DiT may stay on the GPU through the other phases when its weights
+    # fit beside the largest of them.
+    others = max((peak for phase, peak in peaks.items() if phase != "denoise"), default=0)
+    dit_weights = dit.resident_bytes + layers * dit.group_bytes
+    resident = ("denoise",) if blocks == layers and dit_weights + others <= budget else ()
+
+    if blocks == layers:
+        mode = "none"
+    elif offload_mode is not None:
+        mode = offload_mode
+    else:
+        host_bytes = (layers - blocks) * (dit.group_host_bytes or dit.group_bytes)
+        mode = "stream" if host_ram_bytes is not None and host_bytes > host_ram_bytes / 2 else "pinned"
+
+    return MemoryPlan(
+        budget_bytes=budget, total_vram_bytes=total_vram_bytes, num_layers=layers,
+        blocks_on_gpu=blocks, prefetch=pf if blocks < layers else 0, offload_mode=mode,
+        cfg_split=split and dit.cfg_batch > 1, ffn_chunk_tokens=ffn_chunk, rope_chunk_tokens=rope_chunk,
+        t5_placement=t5_place, clip_placement=clip_place,
+        vae_encode_tile_px=tiles.get("encode"), vae_decode_tile_px=tiles.get("decode"),
+        peaks=peaks, resident_phases=resident, label=dit.label,
+    )
+
+
+def _plan_dit(dit: DiTSpec, budget: int, prefetch: int, forced_blocks: int | None, what: str):
+    """(blocks_on_gpu, prefetch, cfg_split, ffn_chunk, rope_chunk) for the DiT phase."""
+    layers = dit.num_layers
+    first = forced_blocks if forced_blocks is not None else 0
+    for pf, split in _dit_configs(prefetch):
+        if split and dit.cfg_batch == 1:
+            continue
+        batch = 1 if split else dit.cfg_batch
+        chunks = _fit_activations(dit, budget - dit_fixed_bytes(dit, first, pf, batch), batch)
+        if chunks is None:
+            continue
+        ffn_chunk, rope_chunk = chunks
+        if forced_blocks is not None:
+            return forced_blocks, pf, split, ffn_chunk, rope_chunk
+        act = dit_activation_bytes(dit, batch, ffn_chunk, rope_chunk)
+        if dit_fixed_bytes(dit, layers, pf, batch) + act <= budget:
+            return layers, pf, split, ffn_chunk, rope_chunk
+        room = budget - act - dit_fixed_bytes(dit, 0, pf, batch)
+        blocks = min(layers - 1, room // dit.group_bytes)
+        return int(blocks), pf, split, ffn_chunk, rope_chunk
+    if forced_blocks is not None:
+        return forced_blocks, 0, dit.cfg_batch > 1, _CHUNKS[-1], _CHUNKS[-1]
+    smallest = _CHUNKS[-1]
+    need = dit_fixed_bytes(dit, 0, 0, 1) + dit_activation_bytes(dit, 1, smallest, smallest)
+    size = f" for {dit.label}" if dit.label else ""
+    raise UserError(
+        f"{what} is too small{size}: the DiT needs at least {math.ceil(need / GiB * 10) / 10:.1f} GiB "
+        f"({dit.tokens_per_sample} tokens per sample); use fewer frames or a lower resolution"
+    )
+
+
+# ---------------------------------------------------------- activation helpers
+
+
+def chunked_ffn(mlp_fn: Callable, x: torch.Tensor, chunk_tokens: int | None, dim: int = 1) -> torch.Tensor:
+    """``mlp_fn(x)`` computed ``chunk_tokens`` tokens at a time along ``dim``.
+
+    For a per-token function (an FFN) this is the same computation; only the
+    inner activation shrinks from (tokens x ffn) to (chunk x ffn).  The
+    output is written into one preallocated tensor, so no concatenation
+    copy is made.
+    """
+    n = x.shape[dim]
+    if chunk_tokens is None or chunk_tokens >= n:
+        return mlp_fn(x)
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+    out = None
+    for start in range(0, n, chunk_tokens):
+        length = min(chunk_tokens, n - start)
+        y = mlp_fn(x.narrow(dim, start, length))
+        if out is None:
+            shape = list(y.shape)
+            shape[dim] = n
+            out = y.new_empty(shape)
+        out.narrow(dim, start, length).copy_(y)
+    return out
+
+
+class _Restore:
+    """Handle returned by :func:`chunk_forward`; ``remove()`` undoes it."""
+
+    def __init__(self, module: nn.Module):
+        self._module = module
+
+    def remove(self) -> None:
+        self._module.__dict__.pop("forward", None)
+
+
+def chunk_forward(module: nn.Module, chunk_tokens: int | None, dim: int = 1) -> _Restore:
+    """Make ``module(x, **kw)`` run as ``chunked_ffn`` over its first argument.
+
+    For sat's MLP: ``chunk_forward(model.transformer.layers[i].mlp, n)`` for
+    every layer.  Only valid for per-token modules.  Sets an instance
+    attribute, so parameters, state dicts and hooks are untouched.
+    """
+    original = type(module).forward.__get__(module)
+
+    def forward(x, *args, **kwargs):
+        return chunked_ffn(lambda part: original(part, *args, **kwargs), x, chunk_tokens, dim)
+
+    module.forward = forward
+    return _Restore(module)
+
+
+def split_batch_call(
+    fn: Callable,
+    args: Sequence = (),
+    kwargs: dict | None = None,
+    *,
+    batch_size: int,
+    parts: int = 2,
+):
+    """Call ``fn`` on ``parts`` slices of the batch and concatenate the results.
+
+    Every tensor argument (positional or keyword, also inside lists/tuples)
+    whose first dimension equals ``batch_size`` is sliced; everything else
+    (scalars, tensors with another first dimension such as a batch-1
+    conditioning that ``fn`` broadcasts) is passed unchanged.  The result
+    (a tensor, or a list/tuple of tensors and other values) has its
+    batch-sized tensors concatenated along dim 0.  With CFG this runs the
+    cond and uncond halves one after the other.
+    """
+    import torch
+
+    kwargs = dict(kwargs or {})
+    if not isinstance(parts, int) or parts < 1 or batch_size % parts:
+        raise ValueError(f"cannot split a batch of {batch_size} into {parts} equal parts")
+    if parts == 1:
+        return fn(*args, **kwargs)
+    step = batch_size // parts
+
+    def take(value, i):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
+            return value[i * step : (i + 1) * step]
+        if isinstance(value, (list, tuple)):
+            return type(value)(take(v, i) for v in value)
+        return value
+
+    results = [fn(*take(list(args), i), **{k: take(v, i) for k, v in kwargs.items()}) for i in range(parts)]
+
+    def join(values):
+        first = values[0]
+        if isinstance(first, torch.Tensor):
+            return torch.cat(values, dim=0) if first.dim() > 0 and first.shape[0] == step else first
+        if isinstance(first, (list, tuple)):
+            return type(first)(join(list(group)) for group in zip(*values))
+        return first
+
+    return join(results)
+
+
+__all__ = [
+    "ActivationModel", "ComponentSpec", "DiTSpec", "GiB", "MemoryPlan", "VaeSpec",
+    "chunk_forward", "chunked_ffn", "default_budget_bytes", "dit_activation_bytes", "dit_fixed_bytes",
+    "plan_memory", "scail_layer_params", "scail_specs", "scail_tokens_per_sample", "split_batch_call",
+]

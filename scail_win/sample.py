@@ -1,0 +1,253 @@
+"""``scail-win sample``: animate a reference image with a pose video.
+
+Parses the options, checks every job's inputs before any model is loaded
+(so a typo costs a second, not minutes of loading), then hands the jobs to
+:func:`scail_win.sample_video.run_jobs`.  Nothing heavy is imported before
+the options are parsed, so ``--help`` is instant.
+
+Jobs come from ``--input-dir`` (with ``--prompt``), from ``--input-file``
+(upstream's ``<prompt>@@<example_dir>`` lines; ``-`` reads them from
+standard input), or, with neither, from standard input as upstream reads
+them: all lines when piped, one at a time at a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from .errors import UserError
+from .jobs import (Job, ModelLimits, check_resolution, config_resolution, interactive_jobs,
+                   read_input_file, resolve_max_frames, validate_job, validate_jobs)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEED = 1234  # sat's --seed default, which upstream's parser inherits
+DEFAULT_STEPS = 50
+DEFAULT_CFG_SCALE = 4.0
+
+
+# -- option parsing ------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults, but not the empty ones (None, False) that say nothing."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _non_negative_number(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+_RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d+)\s*$")
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """``"512x896"`` -> (512, 896), as (height, width)."""
+    match = _RESOLUTION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 512x896, got {text!r}")
+    height, width = int(match[1]), int(match[2])
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"height and width must be positive, got {text!r}")
+    return height, width
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scail-win sample",
+        formatter_class=_HelpFormatter,
+        description="Animate a reference image with a rendered pose video (SCAIL).\n\n"
+                    "Each example folder holds ref.jpg|png and rendered.mp4 (or rendered_aligned.mp4).\n"
+                    "The video goes to OUTPUT_DIR/<folder>/<folder>_output_000000.mp4 at the pose\n"
+                    "video's frame rate; an existing file is never overwritten (the counter goes up).",
+        epilog="examples:\n"
+               "  scail-win sample --input-dir examples/001 --prompt \"the girl is dancing\"\n"
+               "  scail-win sample --input-file jobs.txt      (lines: <prompt>@@<example_dir>)\n"
+               "  echo \"the girl is dancing@@examples/001\" | scail-win sample",
+    )
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument("--input-dir", action="append", metavar="DIR",
+                        help="example folder to animate; repeat for several")
+    inputs.add_argument("--prompt", metavar="TEXT",
+                        help="prompt for the --input-dir jobs (empty if not given; SCAIL works best "
+                             "with a long, detailed one)")
+    inputs.add_argument("--input-file", metavar="FILE",
+                        help="file of '<prompt>@@<example_dir>' lines ('-' reads standard input); "
+                             "with no --input-dir or --input-file, lines are read from standard input")
+    inputs.add_argument("--max-frames", type=_positive_int, metavar="N",
+                        help="use at most the first N pose frames (default: the model's limit, 81)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", default="samples", metavar="DIR", help="where videos go")
+    output.add_argument("--save-every", type=_non_negative_int, default=0, metavar="N",
+                        help="save the denoising state every N steps so --resume can continue (0: never)")
+    output.add_argument("--resume", action="store_true",
+                        help="continue each job from its saved denoising state, if it has one")
+
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--base", nargs="*", metavar="YAML",
+                          help="config files, merged in order (default: the packaged SCAIL config)")
+    sampling.add_argument("--weights", metavar="DIR",
+                          help="the SCAIL-Preview folder (default: the config's args.weights, else the "
+                               "SCAIL_WEIGHTS environment variable, else ./SCAIL-Preview)")
+    sampling.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed")
+    sampling.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help="denoising steps")
+    sampling.add_argument("--cfg-scale", type=_non_negative_number, default=DEFAULT_CFG_SCALE,
+                          metavar="SCALE", help="classifier-free guidance scale")
+    sampling.add_argument("--resolution", type=parse_resolution, metavar="HxW",
+                          help="size for landscape references, swapped for portrait or square ones "
+                               "(default: the config's, 512x896)")
+
+    memory = parser.add_argument_group("memory")
+    memory.add_argument("--vram-budget", type=_positive_number, metavar="GB",
+                        help="GPU memory to plan for (default: what the GPU has free)")
+    memory.add_argument("--blocks-on-gpu", type=_non_negative_int, metavar="N",
+                        help="transformer blocks kept on the GPU; the rest are streamed (default: planned)")
+    memory.add_argument("--ram-budget", type=_positive_number, metavar="GB",
+                        help="host memory to plan for (default: what is available)")
+    memory.add_argument("--t5-cpu", action="store_true", help="run the text encoder on the CPU")
+    memory.add_argument("--vae-tiling", choices=("on", "off", "auto"), default="auto",
+                        help="decode and encode video in tiles to save GPU memory")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--smoke", action="store_true",
+                     help="quick end-to-end check of the pipeline; the weights folder is not required")
+    chatter = run.add_mutually_exclusive_group()
+    chatter.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    chatter.add_argument("--debug", action="store_true", help="debug logging; tracebacks on errors")
+    return parser
+
+
+def check_combinations(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
+    """Reject option combinations that cannot mean anything (parser.error: usage + exit 2)."""
+    if opts.input_file is not None and opts.input_dir:
+        parser.error("--input-file and --input-dir cannot be used together; put every job in the file")
+    if opts.prompt is not None and opts.input_file is not None:
+        parser.error("--prompt applies to --input-dir jobs; --input-file lines carry their own prompts")
+    if opts.prompt is not None and not opts.input_dir:
+        parser.error("--prompt needs --input-dir")
+    if opts.resume and not (opts.input_dir or opts.input_file):
+        parser.error("--resume needs the jobs to resume: give --input-dir or --input-file")
+    if opts.input_file == "":
+        parser.error("--input-file needs a file name, or '-' for standard input")
+    if opts.input_dir and any(not d.strip() for d in opts.input_dir):
+        parser.error("--input-dir needs a folder name")
+
+
+def check_weights(opts: argparse.Namespace) -> None:
+    if opts.smoke:
+        return
+    if not opts.weights.is_dir():
+        raise UserError(f"weights folder not found: {opts.weights}; download SCAIL-Preview there, "
+                        f"or pass --weights DIR (or set SCAIL_WEIGHTS)")
+
+
+def prepare(opts: argparse.Namespace) -> Iterable[Job]:
+    """Resolve the config-dependent options in ``opts`` and return the checked jobs.
+
+    Afterwards ``opts.resolution`` is the (H, W) for landscape references,
+    ``opts.max_frames`` the frame cap and ``opts.weights`` the absolute
+    weights folder.  The jobs are a list, validated as a whole, except at an
+    interactive terminal, where each is validated as it is typed.
+    """
+    from .arguments import load_config
+
+    config = load_config(opts.base, opts.weights)
+    limits = ModelLimits.from_config(config)
+    resolution = opts.resolution or config_resolution(config)
+    check_resolution(resolution, limits, "--resolution" if opts.resolution else "the config's sampling_image_size")
+    opts.resolution = resolution
+    opts.max_frames = resolve_max_frames(opts.max_frames, limits)
+    opts.weights = Path(config.args.weights)
+    settings = dict(resolution=resolution, max_frames=opts.max_frames, limits=limits, output_dir=opts.output_dir)
+
+    if opts.input_dir:
+        prompt = opts.prompt if opts.prompt is not None else ""
+        if not prompt:
+            log.info("no --prompt: using an empty prompt")
+        jobs = [Job(prompt=prompt, input_dir=Path(d), source="--input-dir") for d in opts.input_dir]
+        ready = validate_jobs(jobs, **settings)
+    elif opts.input_file is not None:
+        jobs, problems = read_input_file(opts.input_file)
+        ready = validate_jobs(jobs, problems, **settings)
+    elif sys.stdin is None:
+        raise UserError("no jobs: pass --input-dir DIR or --input-file FILE")
+    elif sys.stdin.isatty():
+        check_weights(opts)
+        return interactive_jobs(lambda job: validate_job(job, **settings))
+    else:
+        jobs, problems = read_input_file("-")
+        ready = validate_jobs(jobs, problems, **settings)
+    check_weights(opts)
+    return ready
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    check_combinations(parser, opts)
+
+    from .cli_support import run_cli, setup_logging
+
+    setup_logging(quiet=opts.quiet, debug=opts.debug)
+
+    def body() -> int:
+        jobs = prepare(opts)
+        from .sample_video import run_jobs
+
+        return run_jobs(opts, jobs)
+
+    return run_cli(body, debug=opts.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

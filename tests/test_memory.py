@@ -1,0 +1,263 @@
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from scail_win.errors import UserError
+from scail_win.memory import (
+    GiB,
+    DiTSpec,
+    chunk_forward,
+    chunked_ffn,
+    default_budget_bytes,
+    dit_activation_bytes,
+    dit_fixed_bytes,
+    plan_memory,
+    scail_layer_params,
+    scail_specs,
+    scail_tokens_per_sample,
+    split_batch_call,
+)
+
+PHASES = ("text", "clip", "vae_encode", "denoise", "vae_decode")
+
+
+def specs(h=512, w=896, f=81, **kw):
+    dit, t5, clip, vae = scail_specs(h, w, f, **kw)
+    return dict(t5=t5, clip=clip, vae=vae), dit
+
+
+# --- sizes ----------------------------------------------------------------------
+
+
+def test_token_count_matches_upstream_numbers():
+    assert scail_tokens_per_sample(512, 896, 81) == 37_632 + 1_792 + 9_408
+    assert scail_tokens_per_sample(896, 512, 81) == 48_832
+    assert scail_tokens_per_sample(512, 896, 1) == 32 * 56 * 2 + 16 * 28
+    with pytest.raises(ValueError):
+        scail_tokens_per_sample(512, 0, 81)
+
+
+def test_layer_param_formula_matches_the_module_shapes():
+    d, f = 8, 12
+    layer = nn.ModuleList([
+        nn.Linear(d, 3 * d), nn.Linear(d, d),  # self-attention
+        nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d),  # cross-attention
+        nn.Linear(d, 2 * d),  # CLIP kv
+        nn.Linear(d, f), nn.Linear(f, d),  # FFN
+    ])
+    count = sum(p.numel() for p in layer.parameters()) + 6 * d + 5 * d
+    assert scail_layer_params(d, f) == count
+    # UPSTREAM.md: one layer group is ~0.81 GB in bf16.
+    assert abs(scail_layer_params(5120, 13824) * 2 / 1e9 - 0.81) < 0.01
+
+
+def test_default_budget():
+    assert default_budget_bytes(8 * GiB) == 6 * GiB
+    assert default_budget_bytes(24 * GiB) == 20 * GiB
+
+
+# --- plans --------------------------------------------------------------------
+
+
+def test_8gib_card_fits_the_14b_model_at_512x896x81():
+    parts, dit = specs()
+    plan = plan_memory(dit, total_vram_bytes=8 * GiB, **parts)
+    assert plan.budget_bytes == 6 * GiB
+    assert set(plan.peaks) == set(PHASES)
+    assert all(peak <= 6 * GiB for peak in plan.peaks.values()), plan.peaks
+    assert plan.offload_mode == "pinned" and plan.swapped_blocks > 0
+    assert plan.cfg_split
+    assert plan.t5_placement == "swap" and plan.clip_placement == "gpu"
+    assert plan.vae_tiling and plan.vae_decode_tile_px and plan.vae_encode_tile_px
+    assert plan.vae_tile_kwargs_for("encode")["tile_px"] == plan.vae_encode_tile_px
+    h, w = plan.vae_decode_tile_px
+    assert plan.vae_tile_kwargs_for("decode")["tile_latent"] == (h // 8, w // 8)
+    assert plan.resident_phases == () and plan.budget_gb == 6.0
+    text = plan.describe()
+    assert "DiT" in text and "swapped" in text and "CFG halves" in text and len(text.splitlines()) == 6
+
+
+def test_large_card_keeps_everything_resident_and_uncut():
+    parts, dit = specs()
+    plan = plan_memory(dit, total_vram_bytes=141 * GiB, **parts)
+    assert plan.blocks_on_gpu == 40 and plan.offload_mode == "none" and plan.prefetch == 0
+    assert not plan.cfg_split and plan.ffn_chunk_tokens is None and plan.rope_chunk_tokens is None
+    assert plan.t5_placement == "gpu" and not plan.vae_tiling and plan.vae_tile_kwargs_for("decode") == {}
+    assert plan.resident_phases == ("denoise",)
+    assert "all 40 layers on the GPU" in plan.describe()
+    # All layers fit, but not beside umT5: the DiT leaves the GPU between phases.
+    full = dit_fixed_bytes(dit, 40, 0, 2) + dit_activation_bytes(dit, 2, None, None)
+    beside_t5 = dit.resident_bytes + 40 * dit.group_bytes + parts["t5"].weight_bytes + parts["t5"].activation_bytes
+    assert full < beside_t5
+    plan = plan_memory(dit, budget_gb=(full + beside_t5) / 2 / GiB, **parts)
+    assert plan.blocks_on_gpu == 40 and plan.t5_placement == "gpu" and plan.resident_phases == ()
+
+
+def chunk_sizes(plan):
+    unchunked = float("inf")
+    return (plan.ffn_chunk_tokens or unchunked, plan.rope_chunk_tokens or unchunked)
+
+
+@pytest.mark.parametrize("size", [(512, 896, 81), (512, 896, 33), (720, 1280, 81), (256, 448, 17)])
+def test_every_phase_fits_and_more_memory_never_cuts_more(size):
+    parts, dit = specs(*size)
+    last = None
+    for gb in [x / 2 for x in range(6, 200)]:
+        try:
+            plan = plan_memory(dit, budget_gb=gb, **parts)
+        except UserError:
+            assert last is None, f"{gb} GiB failed after a smaller budget worked"
+            continue
+        assert all(peak <= plan.budget_bytes for peak in plan.peaks.values()), (gb, plan.peaks)
+        if last is not None:
+            # Memory first buys back the prefetch, then the unsplit CFG batch
+            # (exact, like upstream), then larger chunks, then resident blocks.
+            assert plan.prefetch >= last.prefetch or plan.offload_mode == "none"
+            assert plan.cfg_split <= last.cfg_split
+            if (plan.cfg_split, plan.prefetch) == (last.cfg_split, last.prefetch):
+                chunks, last_chunks = chunk_sizes(plan), chunk_sizes(last)
+                assert all(a >= b for a, b in zip(chunks, last_chunks))
+                if chunks == last_chunks:
+                    assert plan.blocks_on_gpu >= last.blocks_on_gpu
+        last = plan
+    assert last.blocks_on_gpu == dit.num_layers and not last.cfg_split
+
+
+def test_impossible_budget_names_the_minimum_and_the_minimum_works():
+    parts, dit = specs()
+    with pytest.raises(UserError, match=r"^--vram-budget 2 GiB is too small for 512x896, 81 frames: "
+                                        r"the DiT needs at least [\d.]+ GiB") as err:
+        plan_memory(dit, budget_gb=2.0, **parts)
+    need = float(str(err.value).split("at least ")[1].split(" GiB")[0])
+    plan = plan_memory(dit, budget_gb=need + 0.05, **parts)
+    assert plan.blocks_on_gpu == 0 and plan.cfg_split
+    with pytest.raises(UserError, match=r"^the 4\.2 GiB budget of this 6\.0 GiB GPU is too small"):
+        plan_memory(dit, total_vram_bytes=6 * GiB, **parts)
+
+
+def test_blocks_on_gpu_override():
+    parts, dit = specs()
+    plan = plan_memory(dit, budget_gb=30, blocks_on_gpu=7, **parts)
+    assert plan.blocks_on_gpu == 7 and plan.peaks["denoise"] <= 30 * GiB
+    with pytest.raises(UserError, match="--blocks-on-gpu"):
+        plan_memory(dit, budget_gb=30, blocks_on_gpu=41, **parts)
+
+
+def test_blocks_on_gpu_override_over_budget_warns(caplog):
+    parts, dit = specs()
+    with caplog.at_level(logging.WARNING, logger="scail_win.memory"):
+        plan = plan_memory(dit, budget_gb=6, blocks_on_gpu=20, **parts)
+    assert plan.blocks_on_gpu == 20
+    assert "over the 6.0 GiB budget" in caplog.text
+
+
+def test_offload_mode_follows_host_ram():
+    parts, dit = specs()
+    assert plan_memory(dit, budget_gb=6, host_ram_bytes=128 * GiB, **parts).offload_mode == "pinned"
+    assert plan_memory(dit, budget_gb=6, host_ram_bytes=32 * GiB, **parts).offload_mode == "stream"
+    assert plan_memory(dit, budget_gb=6, host_ram_bytes=32 * GiB, offload_mode="pinned", **parts).offload_mode == "pinned"
+    # fp8 storage halves what the host holds.
+    parts8, dit8 = specs(dit_host_bytes_per_param=1)
+    assert plan_memory(dit8, budget_gb=6, host_ram_bytes=48 * GiB, **parts8).offload_mode == "pinned"
+
+
+def test_no_cfg_batch_is_never_split():
+    dit = DiTSpec(num_layers=4, hidden=64, ffn=128, head_dim=16, tokens_per_sample=10_000,
+                  group_bytes=10 * 2**20, resident_bytes=2**20, cfg_batch=1)
+    need = dit_fixed_bytes(dit, 0, 1, 1) + dit_activation_bytes(dit, 1, 1024, 1024)
+    plan = plan_memory(dit, budget_gb=need / GiB * 1.01)
+    assert not plan.cfg_split and plan.rope_chunk_tokens == 1024
+    assert plan.peaks["denoise"] <= plan.budget_bytes
+
+
+def test_activation_estimate_scales_with_tokens_batch_and_chunks():
+    _, dit = specs()
+    one = dit_activation_bytes(dit, 1, None, None)
+    assert dit_activation_bytes(dit, 2, None, None) == pytest.approx(2 * one, rel=1e-6)
+    assert dit_activation_bytes(dit, 1, 4096, 4096) < one
+    _, small = specs(256, 448, 81)
+    assert dit_activation_bytes(small, 1, None, None) < one / 3
+
+
+def test_bad_arguments():
+    _, dit = specs()
+    with pytest.raises(ValueError):
+        plan_memory(dit)
+    with pytest.raises(UserError):
+        plan_memory(dit, budget_gb=0)
+    with pytest.raises(ValueError):
+        plan_memory(dit, budget_gb=8, offload_mode="disk")
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+def integer_mlp(d=12, f=40, seed=0):
+    """Weights and biases are small integers, so every sum is exact in any order."""
+    g = torch.Generator().manual_seed(seed)
+    mlp = nn.Sequential(nn.Linear(d, f), nn.ReLU(), nn.Linear(f, d))
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randint(-3, 4, p.shape, generator=g).float())
+    return mlp
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 100, 299, 300, 1000, None])
+def test_chunked_ffn_equals_unchunked_exactly(chunk):
+    mlp = integer_mlp()
+    x = torch.randint(-4, 5, (2, 300, 12), generator=torch.Generator().manual_seed(1)).float()
+    with torch.no_grad():
+        assert torch.equal(chunked_ffn(mlp, x, chunk), mlp(x))
+
+
+def test_chunked_ffn_random_weights_and_other_dim():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 96), nn.GELU(approximate="tanh"), nn.Linear(96, 32))
+    x = torch.randn(2, 517, 32)
+    with torch.no_grad():
+        # BLAS may pick another kernel for another row count: equal up to rounding.
+        torch.testing.assert_close(chunked_ffn(mlp, x, 128), mlp(x), rtol=1e-6, atol=1e-6)
+        xt = x.transpose(0, 1).contiguous()  # tokens first
+        torch.testing.assert_close(chunked_ffn(mlp, xt, 100, dim=0), mlp(xt), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        chunked_ffn(mlp, x, 0)
+
+
+def test_chunk_forward_patches_and_restores_a_module():
+    mlp = integer_mlp()
+    calls = []
+    mlp.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    x = torch.randint(-4, 5, (1, 50, 12)).float()
+    with torch.no_grad():
+        expected = mlp(x)
+        calls.clear()
+        handle = chunk_forward(mlp, 20)
+        assert torch.equal(mlp(x), expected)
+        handle.remove()
+        assert torch.equal(mlp(x), expected)
+    assert calls == [50, 50]  # hooks still run once per call, before chunking
+    assert "forward" not in mlp.__dict__
+
+
+def test_split_batch_call_runs_halves_and_concatenates():
+    seen = []
+
+    def model(x, t, *, context, ref, scale):
+        seen.append(x.shape[0])
+        ref = ref.expand(x.shape[0], -1)  # a batch-1 conditioning, broadcast inside
+        out = x * t[:, None] + context.sum(1) + ref * scale
+        return out, [out.sum(1), "tag"]
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
+    context, ref = torch.randn(4, 5, 3, generator=g), torch.randn(1, 3, generator=g)
+    kwargs = dict(context=context, ref=ref, scale=2.0)
+    full = model(x, t, **kwargs)
+    seen.clear()
+    split = split_batch_call(model, (x, t), kwargs, batch_size=4, parts=2)
+    assert seen == [2, 2]
+    assert torch.equal(split[0], full[0]) and torch.equal(split[1][0], full[1][0]) and split[1][1] == "tag"
+    with pytest.raises(ValueError):
+        split_batch_call(model, (x, t), kwargs, batch_size=4, parts=3)
