@@ -133,6 +133,8 @@ class SATVideoDiffusionEngine(nn.Module):
         self._i2v_clip_config = model_config.get("i2v_clip_config", None) if self.use_i2v_clip else None
         self._first_stage_config = model_config.get("first_stage_config", None)
         self._lazy: Dict[str, object] = {}
+        # Set by the model loader: how component files are read while building.
+        self.component_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     # -- construction -------------------------------------------------------
 
@@ -176,19 +178,22 @@ class SATVideoDiffusionEngine(nn.Module):
                 if "T5EncoderModel" in emb.get("target", ""):
                     emb.setdefault("params", {})["device"] = "cpu"
             log.info("loading the text encoder")
-            obj = _instantiate(config)
+            with self.component_context(), skip_init():
+                obj = _instantiate(config)
         elif name == "i2v_clip":
             if self._i2v_clip_config is None:
                 return None
             config = copy.deepcopy(self._i2v_clip_config)
             config.setdefault("params", {})["device"] = "cpu"
             log.info("loading the CLIP image encoder")
-            obj = _instantiate(config)
+            with self.component_context(), skip_init():
+                obj = _instantiate(config)
         elif name == "first_stage_model":
             config = copy.deepcopy(self._first_stage_config)
             config.setdefault("params", {})["device"] = "cpu"
             log.info("loading the VAE")
-            obj = _instantiate(config)
+            with self.component_context(), skip_init():
+                obj = _instantiate(config)
             inner = obj.model if hasattr(obj, "model") and isinstance(obj.model, nn.Module) else obj
             for p in inner.parameters():
                 p.requires_grad_(False)
@@ -236,10 +241,12 @@ class SATVideoDiffusionEngine(nn.Module):
             emb = self._text_encoder()
             if emb is None:
                 return
-            target = device
-            if self.memory_plan is not None and getattr(self.memory_plan, "t5_placement", "gpu") == "cpu":
-                target = torch.device("cpu")
-            emb.to(target)
+            placement = getattr(self.memory_plan, "t5_placement", "gpu")
+            target = torch.device("cpu") if placement == "cpu" else device
+            if placement == "swap":
+                self._swap_text_encoder(emb, device)
+            else:
+                emb.to(target)
             if hasattr(emb, "device"):
                 emb.device = target
         elif name == "clip":
@@ -259,10 +266,26 @@ class SATVideoDiffusionEngine(nn.Module):
             vae.device = device
         elif name == "denoise":
             if self._block_swap is not None:
+                if device.type == "cpu":
+                    self._block_swap.release_all()
                 return
             self.model.to(device)
         else:
             raise KeyError(name)
+
+    def _swap_text_encoder(self, emb, device: torch.device) -> None:
+        """Attach (GPU) or detach (CPU) a block swap over T5's blocks."""
+        from . import offload
+
+        swap = getattr(self, "_text_swap", None)
+        if device.type == "cuda" and swap is None:
+            t5 = emb.model
+            self._text_swap = offload.BlockSwap(t5, offload.groups_from_modulelists(t5, ["blocks"]), device,
+                                                resident_groups=0, mode="stream")
+            self._text_swap.attach()
+        elif device.type == "cpu" and swap is not None:
+            swap.detach()
+            self._text_swap = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[torch.device]:
@@ -273,9 +296,13 @@ class SATVideoDiffusionEngine(nn.Module):
         on a card that holds it); memory is collected at every boundary.
         """
         device = self.compute_device
-        keep = self.memory_plan is not None and name in getattr(self.memory_plan, "resident_phases", ())
-        if device.type == "cpu" and name != "denoise":
+        if device.type == "cpu":
             keep = True
+        elif self.memory_plan is None:
+            # No plan (--offload none): upstream's placement, DiT and VAE stay.
+            keep = name in ("denoise", "vae")
+        else:
+            keep = name in self.memory_plan.resident_phases
         self._move_component(name, device)
         try:
             yield device
@@ -292,9 +319,9 @@ class SATVideoDiffusionEngine(nn.Module):
         from . import vae_tiling
         vae = self.first_stage_model
         plan = self.memory_plan
-        tiling = getattr(plan, "vae_tiling", False) if plan is not None else False
-        if tiling:
-            return getattr(vae_tiling, f"tiled_{fn_name}")(vae, x, **getattr(plan, "vae_tile_kwargs", {}))
+        kwargs = plan.vae_tile_kwargs_for(fn_name) if plan is not None else {}
+        if kwargs:
+            return getattr(vae_tiling, f"tiled_{fn_name}")(vae, x, **kwargs)
         return getattr(vae, fn_name)(x)
 
     @torch.no_grad()

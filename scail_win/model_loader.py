@@ -1,0 +1,292 @@
+"""Build the engine, read its weights, and put every tensor where the plan says.
+
+Order of work, and why:
+
+1. the memory plan is made first (card size, ``--vram-budget``, host RAM,
+   the sampling size), so that loading already knows which DiT layers stay
+   on the GPU and which are swapped;
+2. the DiT is built on ``meta`` and its checkpoint (SAT ``.pt`` or converted
+   safetensors) is memory-mapped into it: no random initialisation and no
+   second copy in RAM; fp8 layers that will be swapped stay fp8 in the file
+   and are upcast on the GPU per layer;
+3. the block swap, chunked FFN and split CFG are attached as the plan asks;
+4. T5, CLIP and the VAE are built later, on first use, through
+   :func:`component_weights`, which reads their files safely and
+   memory-mapped whatever layout the weights folder has.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+GiB = 1024 ** 3
+DIT_PREFIX = "model.diffusion_model."
+MAX_FRAMES_DEFAULT = 81
+
+
+def _norm(path) -> str:
+    return os.path.normcase(os.path.abspath(os.fspath(path)))
+
+
+@contextlib.contextmanager
+def component_weights(files: Dict[str, Path]) -> Iterator[None]:
+    """While building T5/CLIP/VAE: their ``torch.load(path)`` reads ``files[path]``.
+
+    Upstream's component classes call ``torch.load`` on the paths in the
+    config and ``load_state_dict`` into weights built on the CPU. Inside this
+    block those reads go through :func:`scail_win.weights.open_state_dict`
+    (no arbitrary unpickling, memory-mapped, safetensors or ``.pt``), and
+    ``load_state_dict`` assigns the mapped tensors (cast to the parameter's
+    dtype where it differs) instead of copying into a second full copy.
+    Parameters are created in bf16 so a 5.7 B-parameter T5 is never laid out
+    in fp32 first.
+    """
+    from . import weights
+
+    mapping = {_norm(k): Path(v) for k, v in files.items()}
+    original_load = torch.load
+    original_lsd = nn.Module.load_state_dict
+    original_dtype = torch.get_default_dtype()
+
+    def load(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and _norm(f) in mapping:
+            with weights.open_state_dict(mapping[_norm(f)]) as source:
+                return {name: source[name] for name in source}
+        return original_load(f, *args, **kwargs)
+
+    def load_state_dict(module, state_dict, strict=True, assign=False):
+        current = module.state_dict(keep_vars=True)
+        cast = {}
+        for name, tensor in state_dict.items():
+            own = current.get(name)
+            if own is not None and tensor.is_floating_point() and tensor.dtype != own.dtype:
+                tensor = tensor.to(own.dtype)
+            cast[name] = tensor
+        return original_lsd(module, cast, strict=strict, assign=True)
+
+    torch.load = load
+    nn.Module.load_state_dict = load_state_dict
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.load = original_load
+        nn.Module.load_state_dict = original_lsd
+        torch.set_default_dtype(original_dtype)
+
+
+def _component_files(model_config, layout) -> Dict[str, Path]:
+    """Config path of each component -> the file that holds it in ``layout``."""
+    files: Dict[str, Path] = {}
+    conditioner = model_config.get("conditioner_config", None) or {}
+    for emb in conditioner.get("params", {}).get("emb_models", []):
+        path = emb.get("params", {}).get("checkpoint_path")
+        if path and "T5EncoderModel" in emb.get("target", ""):
+            files[path] = layout.t5
+    clip = model_config.get("i2v_clip_config", None) or {}
+    if clip.get("params", {}).get("checkpoint_path"):
+        files[clip["params"]["checkpoint_path"]] = layout.clip
+    vae = model_config.get("first_stage_config", None) or {}
+    if vae.get("params", {}).get("vae_pth"):
+        files[vae["params"]["vae_pth"]] = layout.vae
+    return files
+
+
+# -- the memory plan ----------------------------------------------------------------
+
+
+def _host_ram_bytes() -> Optional[int]:
+    """Available host RAM (Linux /proc/meminfo, Windows GlobalMemoryStatusEx)."""
+    if os.name == "nt":
+        import ctypes
+
+        class MemoryStatus(ctypes.Structure):
+            _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                        ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                        ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                        ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                        ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+        status = MemoryStatus()
+        status.dwLength = ctypes.sizeof(MemoryStatus)
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+            return int(status.ullAvailPhys)
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: int = 2):
+    """The memory plan for ``dit`` on ``device``, or None when nothing needs planning.
+
+    None means: a CPU run, or ``--offload none`` (everything where upstream
+    puts it). Otherwise the sampling size in ``args`` (and at most
+    ``max_frames``) is what the plan must fit.
+    """
+    from . import memory, offload
+
+    if device.type != "cuda" or getattr(args, "offload", "auto") == "none":
+        return None
+    height, width = (int(v) for v in args.sampling_image_size)
+    frames = int(getattr(args, "max_frames", None) or MAX_FRAMES_DEFAULT)
+    groups = offload.scail_layer_groups(dit)
+    group_params = max(g.numel for g in groups)
+    total_params = sum(p.numel() for p in dit.parameters())
+    resident_params = total_params - sum(g.numel for g in groups)
+    dit_spec, t5_spec, clip_spec, vae_spec = memory.scail_specs(
+        height, width, frames, group_bytes=group_params * 2, resident_bytes=resident_params * 2,
+        dit_host_bytes_per_param=host_bytes_per_param)
+    budget = getattr(args, "vram_budget", None)
+    total = torch.cuda.get_device_properties(device).total_memory
+    if getattr(args, "t5_cpu", False):
+        t5_spec = None
+    ram = getattr(args, "ram_budget", None)
+    host = int(ram * GiB) if ram else _host_ram_bytes()
+    plan = memory.plan_memory(dit_spec, total_vram_bytes=total, budget_gb=budget, t5=t5_spec,
+                              clip=clip_spec, vae=vae_spec, blocks_on_gpu=getattr(args, "blocks_on_gpu", None),
+                              host_ram_bytes=host)
+    if getattr(args, "t5_cpu", False):
+        from dataclasses import replace
+        plan = replace(plan, t5_placement="cpu")
+    tiling = getattr(args, "vae_tiling", "auto")
+    if tiling == "off" and plan.vae_tiling:
+        from dataclasses import replace
+        log.warning("--vae-tiling off: the VAE is estimated to need more than the budget")
+        plan = replace(plan, vae_encode_tile_px=None, vae_decode_tile_px=None)
+    elif tiling == "on" and not plan.vae_tiling:
+        from dataclasses import replace
+        plan = replace(plan, vae_encode_tile_px=(256, 256), vae_decode_tile_px=(256, 256))
+    return plan
+
+
+# -- applying the plan to the DiT -------------------------------------------------------
+
+
+class _SplitCFG:
+    """Run the network on each half of a CFG batch in turn (same math, half the activations)."""
+
+    def __init__(self, wrapper: nn.Module):
+        self.wrapper = wrapper
+        self.original = type(wrapper).forward.__get__(wrapper)
+
+    def __call__(self, x, t, c, **kwargs):
+        batch = x.shape[0]
+        if batch < 2 or batch % 2:
+            return self.original(x, t, c, **kwargs)
+        half = batch // 2
+
+        def take(value, i):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                return value[i * half:(i + 1) * half]
+            return value
+
+        outs = [self.original(take(x, i), take(t, i), {k: take(v, i) for k, v in c.items()},
+                              **{k: take(v, i) for k, v in kwargs.items()}) for i in range(2)]
+        return torch.cat(outs, dim=0)
+
+
+def apply_memory_plan(engine, plan, device: torch.device, weight_source=None) -> None:
+    """Place the DiT per ``plan`` (resident, or block-swapped) and set chunking.
+
+    ``weight_source`` (a :class:`scail_win.weights.CheckpointWeights`) feeds
+    the block swap straight from the checkpoint file (fp8 stays fp8 until the
+    GPU). Without a plan the whole DiT moves to ``device``.
+    """
+    from . import memory, offload
+
+    dit = engine.model.diffusion_model
+    engine.set_memory_plan(plan, device)
+    if plan is None or plan.offload_mode == "none" or plan.blocks_on_gpu >= plan.num_layers:
+        # A DiT that must leave the GPU for the other phases comes in with
+        # its own phase; one that stays moves now.
+        if plan is None or "denoise" in plan.resident_phases:
+            engine.model.to(device)
+    else:
+        kwargs = {}
+        if weight_source is not None:
+            kwargs = dict(source=weight_source, materialize=weight_source.materialize)
+        swap = offload.BlockSwap(dit, offload.scail_layer_groups(dit), device,
+                                 resident_groups=plan.blocks_on_gpu, mode=plan.offload_mode,
+                                 prefetch=plan.prefetch, **kwargs)
+        swap.attach()
+        engine._block_swap = swap
+    if plan is not None and plan.ffn_chunk_tokens:
+        for layer in dit.transformer.layers:
+            memory.chunk_forward(layer.mlp, plan.ffn_chunk_tokens)
+    if plan is not None and plan.cfg_split:
+        engine.model.forward = _SplitCFG(engine.model)
+    if plan is not None:
+        for line in plan.describe().splitlines():
+            log.info("%s", line)
+
+
+# -- the whole build ------------------------------------------------------------------------
+
+
+def build(args, model_cls=None):
+    """The engine for ``args`` with its weights loaded and its memory plan applied."""
+    from . import weights
+    from .diffusion_video import SATVideoDiffusionEngine
+
+    if model_cls is not None and model_cls is not SATVideoDiffusionEngine:
+        log.info("using scail-win's SATVideoDiffusionEngine in place of %s", getattr(model_cls, "__name__", model_cls))
+    device = torch.device(getattr(args, "device", "cpu") or "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    load = getattr(args, "load", None)
+    layout = weights.ensure_weights(getattr(args, "weights", None) or Path(load).parent) if load else None
+
+    engine = SATVideoDiffusionEngine(args, empty_weights=layout is not None)
+    engine.eval()
+    dit = engine.model.diffusion_model
+    fp8 = layout is not None and (layout.dit_dtype or "").startswith("fp8")
+    plan = make_plan(args, dit, device, host_bytes_per_param=1 if fp8 else 2)
+
+    source = None
+    if layout is not None:
+        if layout.dit is None:
+            raise UserError(f"{layout.root}: model/latest does not name a checkpoint; re-download model/latest")
+        engine.component_context = lambda: component_weights(_component_files(args.model_config, layout))
+        source = weights.open_state_dict(layout.dit)
+        swapped = _swapped_names(dit, plan) if fp8 else set()
+        log.info("reading the DiT weights from %s", layout.dit)
+        result = weights.load_into(dit, source, prefix=DIT_PREFIX, placement="cpu", dtype=engine.dtype,
+                                   keep_fp8=lambda name: name in swapped, strict=False)
+        if result.meta_left:
+            raise UserError(f"{layout.dit} lacks {len(result.meta_left)} DiT tensors "
+                            f"(first: {DIT_PREFIX}{result.meta_left[0]}); is it a SCAIL-Preview checkpoint?")
+        if result.unexpected_keys:
+            log.warning("%d checkpoint tensors are not used by this config (first: %s)",
+                        len(result.unexpected_keys), result.unexpected_keys[0])
+    weight_source = weights.CheckpointWeights(source, prefix=DIT_PREFIX, dtype=engine.dtype) if fp8 else None
+    apply_memory_plan(engine, plan, device, weight_source)
+    return engine
+
+
+def _swapped_names(dit: nn.Module, plan) -> set:
+    """Names of the DiT tensors the plan swaps (they stay fp8 in the file)."""
+    from . import offload
+
+    if plan is None or plan.blocks_on_gpu >= plan.num_layers:
+        return set()
+    groups = offload.scail_layer_groups(dit)
+    resident = set(offload.resident_indices(len(groups), plan.blocks_on_gpu))
+    names = {id(t): n for n, t in dit.named_parameters()}
+    return {names[id(t)] for gi, g in enumerate(groups) if gi not in resident
+            for t in g.tensors if id(t) in names}
