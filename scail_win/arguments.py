@@ -248,9 +248,10 @@ def add_scail_win_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--vae-tiling", type=_SCAIL_WIN_TYPES["vae_tiling"], default="auto",
                        metavar="{on,off,auto}",
                        help="tiled VAE encode/decode; auto tiles only when the video would not fit (default: auto)")
-    group.add_argument("--rope-mode", type=_SCAIL_WIN_TYPES["rope_mode"], default="exact",
-                       metavar="{exact,fp32}",
-                       help="3D RoPE arithmetic: exact as upstream, or the fused float32 path (default: exact)")
+    group.add_argument("--rope-mode", type=_SCAIL_WIN_TYPES["rope_mode"], default="fp32",
+                       metavar="{fp32,exact}",
+                       help="3D RoPE arithmetic: fp32 rounds once (more accurate), exact reproduces "
+                            "upstream's bf16 rounding bit for bit (default: fp32)")
     group.add_argument("--embed-cache", type=_optional_dir, default=None, metavar="DIR",
                        help="folder for cached text embeddings (default: scail-win's cache folder)")
     group.add_argument("--offload", type=_SCAIL_WIN_TYPES["offload"], default="auto", metavar="{auto,none}",

@@ -81,6 +81,44 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def build_dit(network_config, *, dtype_str: str = "bf16", use_i2v_clip: bool = True,
+              rope_mode: str = "fp32", empty_weights: bool = False) -> nn.Module:
+    """SCAIL's DiT from its ``network_config``, built the scail-win way.
+
+    No random initialisation (``empty_weights``: parameters on ``meta`` for
+    the loader; otherwise uninitialised CPU storage, which upstream's
+    ``load_checkpoint`` then fills); the fused 3D RoPE mixin
+    (:mod:`scail_win.rope3d`, ``rope_mode`` ``fp32`` or ``exact``) in place of
+    upstream's; and, with one process, attention without the Ulysses
+    collectives (:mod:`scail_win.attention`).
+    """
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_str]
+    network_config = copy.deepcopy(network_config)
+    params = network_config["params"]
+    params["dtype"] = dtype_str
+    params["use_i2v_clip"] = use_i2v_clip
+    transformer_args = params.get("transformer_args", None)
+    if transformer_args is not None:
+        transformer_args["skip_init"] = True
+        transformer_args["checkpoint_activations"] = False
+    pos_embed = params.get("modules", {}).get("pos_embed_config", None)
+    if pos_embed is not None and rope_mode in ("fp32", "exact") and _fused_rope_available():
+        pos_embed["target"] = FUSED_ROPE_TARGET
+        pos_embed.setdefault("params", {})["rope_mode"] = rope_mode
+
+    dit_module = importlib.import_module(network_config["target"].rsplit(".", 1)[0])
+    build = _empty_weights() if empty_weights else skip_init()
+    swap = contextlib.nullcontext()
+    if _sequence_parallel_size() == 1 and hasattr(dit_module, "UlyessAttentionMixin"):
+        from .attention import make_single_process_mixin_class
+        swap = _patched(dit_module, "UlyessAttentionMixin", make_single_process_mixin_class())
+    with build, swap:
+        network = _instantiate(network_config)
+    if not empty_weights:
+        network = network.to(dtype)
+    return network
+
+
 class SATVideoDiffusionEngine(nn.Module):
     """SCAIL's video diffusion engine for inference (drop-in).
 
@@ -118,7 +156,13 @@ class SATVideoDiffusionEngine(nn.Module):
         self.memory_plan = None
         self._block_swap = None
 
-        self.model = self._build_network(model_config, empty_weights)
+        network = build_dit(model_config["network_config"], dtype_str=self.dtype_str,
+                            use_i2v_clip=self.use_i2v_clip, rope_mode=getattr(args, "rope_mode", "fp32"),
+                            empty_weights=empty_weights)
+        wrapper_target = model_config.get("network_wrapper", None) or DEFAULT_WRAPPER
+        from sgm.util import get_obj_from_str
+        self.model = get_obj_from_str(wrapper_target)(
+            network, compile_model=model_config.get("compile_model", False), dtype=self.dtype)
         self.denoiser = _instantiate(model_config["denoiser_config"])
         sampler_config = model_config.get("sampler_config", None)
         self.sampler = _instantiate(sampler_config) if sampler_config is not None else None
@@ -137,36 +181,6 @@ class SATVideoDiffusionEngine(nn.Module):
         self.component_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     # -- construction -------------------------------------------------------
-
-    def _build_network(self, model_config, empty_weights: bool) -> nn.Module:
-        network_config = copy.deepcopy(model_config["network_config"])
-        params = network_config["params"]
-        params["dtype"] = self.dtype_str
-        params["use_i2v_clip"] = self.use_i2v_clip
-        transformer_args = params.get("transformer_args", None)
-        if transformer_args is not None:
-            transformer_args["skip_init"] = True
-            transformer_args["checkpoint_activations"] = False
-        rope_mode = getattr(self.args, "rope_mode", "fp32")
-        pos_embed = params.get("modules", {}).get("pos_embed_config", None)
-        if pos_embed is not None and rope_mode in ("fp32", "exact") and _fused_rope_available():
-            pos_embed["target"] = FUSED_ROPE_TARGET
-            pos_embed.setdefault("params", {})["rope_mode"] = rope_mode
-
-        dit_module = importlib.import_module(network_config["target"].rsplit(".", 1)[0])
-        build = _empty_weights() if empty_weights else skip_init()
-        swap = contextlib.nullcontext()
-        if _sequence_parallel_size() == 1 and hasattr(dit_module, "UlyessAttentionMixin"):
-            from .attention import make_single_process_mixin_class
-            swap = _patched(dit_module, "UlyessAttentionMixin", make_single_process_mixin_class())
-        with build, swap:
-            network = _instantiate(network_config)
-        if not empty_weights:
-            network = network.to(self.dtype)
-        wrapper_target = model_config.get("network_wrapper", None) or DEFAULT_WRAPPER
-        from sgm.util import get_obj_from_str
-        wrapper = get_obj_from_str(wrapper_target)
-        return wrapper(network, compile_model=model_config.get("compile_model", False), dtype=self.dtype)
 
     def _build_lazy(self, name: str):
         if name in self._lazy:

@@ -292,15 +292,15 @@ def test_scail_win_flags_default_to_upstream_behaviour():
     _, args = parse()
     assert (args.weights, args.vram_budget, args.blocks_on_gpu, args.ram_budget) == (None, None, None, None)
     assert (args.t5_cpu, args.vae_tiling, args.rope_mode, args.embed_cache, args.offload) == (
-        False, "auto", "exact", None, "auto")
+        False, "auto", "fp32", None, "auto")
 
 
 def test_scail_win_flags_parse_and_reject_bad_values(capsys):
     _, args = parse(["--vram-budget", "7.5", "--blocks-on-gpu", "0", "--ram-budget", "auto", "--t5-cpu",
-                     "--vae-tiling", "ON", "--rope-mode", "fp32", "--embed-cache", "cache dir",
+                     "--vae-tiling", "ON", "--rope-mode", "exact", "--embed-cache", "cache dir",
                      "--offload", "none"])
     assert (args.vram_budget, args.blocks_on_gpu, args.ram_budget, args.t5_cpu) == (7.5, 0, None, True)
-    assert (args.vae_tiling, args.rope_mode, args.embed_cache, args.offload) == ("on", "fp32", "cache dir", "none")
+    assert (args.vae_tiling, args.rope_mode, args.embed_cache, args.offload) == ("on", "exact", "cache dir", "none")
     assert parse(["--t5-cpu", "--no-t5-cpu"])[1].t5_cpu is False
     for bad in (["--vram-budget", "-1"], ["--blocks-on-gpu", "2.5"], ["--vae-tiling", "sometimes"],
                 ["--offload", "disk"]):

@@ -1,0 +1,450 @@
+#!/usr/bin/env python3
+"""SCAIL's full-size DiT on one GPU: upstream vs scail-win, resident and block-swapped.
+
+Random weights, 16.4 B parameters, one sampling step at 512x896, 81 frames
+(CFG batch 2, 97,664 tokens), called the way RFSampler calls it. In one run:
+
+  resident   upstream's DiT (its own mixins, Ulysses all-to-all on a one-rank
+             NCCL group, as upstream runs) against scail-win's DiT built by
+             ``scail_win.diffusion_video.build_dit`` on the SAME weight tensors
+             (fused 3D RoPE in fp32 and exact modes, single-process attention):
+             step time, peak memory, output error, host syncs per forward.
+  swap       scail-win's DiT with the memory plan for 24, 12 and 8 GiB cards
+             (process capped with set_per_process_memory_fraction): blocks on
+             the GPU, step time against resident, peak allocated/reserved,
+             host RSS.
+  phases     the other phases at the 8 GiB plan: umT5-XXL (block-swapped),
+             CLIP ViT-H, Wan VAE encode (81 frames) and decode (21 latent
+             frames), tiled as the plan says; peak allocated/reserved each.
+
+Usage (GPU machine, SCAIL tree in .scail, our package importable):
+    PYTHONPATH=.:.scail python benchmarks/bench_dit.py --scail-root .scail --out $OUT
+Prints one table per stage and writes results.json to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LOG = logging.getLogger("bench_dit")
+GIB = 1024 ** 3
+MODEL_YAML = "configs/video_model/Wan2.1-i2v-14Bsc-pose-xc-latent.yaml"
+TEXT_LEN, TEXT_DIM, CLIP_TOKENS, CLIP_DIM = 512, 4096, 257, 1280
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scail-root", default=os.environ.get("SCAIL_ROOT"), help="upstream SCAIL checkout")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="folder for results.json")
+    p.add_argument("--stages", default="resident,swap,phases", help="comma-separated stages")
+    p.add_argument("--size", default="512x896", help="HxW in pixels")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--budgets", default="24,12,8", help="card sizes (GiB) for the swap stage")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls after one warm-up")
+    p.add_argument("--layers", type=int, default=None, help="override num_layers (quick checks)")
+    args = p.parse_args(argv)
+    if not args.scail_root or not (Path(args.scail_root) / MODEL_YAML).is_file():
+        p.error("--scail-root must name an upstream SCAIL checkout")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    args.size = tuple(int(v) for v in args.size.lower().split("x"))
+    args.stages = [s for s in args.stages.split(",") if s]
+    args.budgets = [float(b) for b in args.budgets.split(",") if b]
+    return args
+
+
+# ---------------------------------------------------------------- helpers
+
+def host_memory() -> dict:
+    out = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024 / GIB
+    return out
+
+
+def model_config(scail_root: Path, layers):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(scail_root / MODEL_YAML).model
+    if layers:
+        cfg.network_config.params.num_layers = layers
+    return cfg
+
+
+def random_weights_(module: torch.nn.Module, device, seed=0) -> None:
+    """Give every meta parameter random bf16 values on ``device`` (fast, on the GPU)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    for name, p in list(module.named_parameters()):
+        if p.device.type != "meta":
+            continue
+        data = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).mul_(0.02)
+        if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+            data.add_(1.0)
+        owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        owner._parameters[name.rsplit(".", 1)[-1]] = torch.nn.Parameter(data.to(torch.bfloat16), requires_grad=False)
+
+
+def init_upstream_distributed():
+    from sat import mpu
+
+    torch.cuda.set_device(0)
+    port = 29500 + os.getpid() % 1000
+    torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0,
+                                         device_id=torch.device("cuda:0"))
+    mpu.initialize_model_parallel(1, 1, 0)
+
+
+def build_upstream(cfg, ours):
+    """Upstream's own DiT class and mixins, sharing ``ours``'s weight tensors."""
+    from omegaconf import OmegaConf
+    from sgm.util import instantiate_from_config
+    from scail_win.lazy_init import empty_weights
+
+    net = OmegaConf.create(OmegaConf.to_container(cfg.network_config))
+    net.params.dtype = "bf16"
+    net.params.use_i2v_clip = True
+    net.params.transformer_args.checkpoint_activations = False
+    with empty_weights():
+        dit = instantiate_from_config(net)
+    missing, unexpected = dit.load_state_dict(ours.state_dict(), strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"state dicts differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return dit.eval()
+
+
+def build_ours(cfg, rope_mode, device, share=None):
+    from scail_win.diffusion_video import build_dit
+
+    dit = build_dit(cfg.network_config, dtype_str="bf16", use_i2v_clip=True, rope_mode=rope_mode,
+                    empty_weights=True)
+    if share is None:
+        random_weights_(dit, device)
+    else:
+        dit.load_state_dict(share.state_dict(), strict=True, assign=True)
+    return dit.eval()
+
+
+def latent_inputs(size, frames, device, seed=1):
+    h, w = size
+    t, lh, lw = (frames - 1) // 4 + 1, h // 8, w // 8
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    shared = {"concat_images": rnd(1, t, 16, lh, lw), "ref_concat": rnd(1, 1, 16, lh, lw),
+              "concat_pose": rnd(1, t, 16, lh // 2, lw // 2), "image_clip_features": rnd(1, CLIP_TOKENS, CLIP_DIM)}
+    shared["concat_smpl_render"] = shared["concat_pose"]
+    cond = {"crossattn": rnd(1, TEXT_LEN, TEXT_DIM), **shared}
+    uncond = {"crossattn": rnd(1, TEXT_LEN, TEXT_DIM), **shared}
+    x = rnd(1, t, 16, lh, lw, dtype=torch.float32)
+    sigma = torch.full((1,), 0.9, device=device)
+    tokens = t * (lh // 2) * (lw // 2) + (lh // 2) * (lw // 2) + t * (lh // 4) * (lw // 4)
+    return x, sigma, cond, uncond, tokens
+
+
+class Step:
+    """One RFSampler network call through sgm's Denoiser, OpenAIWrapper and VanillaCFG."""
+
+    def __init__(self, cfg, dit):
+        from sgm.modules.diffusionmodules.wrappers import OpenAIWrapper
+        from sgm.util import instantiate_from_config
+
+        self.denoiser = instantiate_from_config(cfg.denoiser_config)
+        self.guider = instantiate_from_config(cfg.sampler_config.params.guider_config)
+        self.network = OpenAIWrapper(dit, compile_model=False, dtype=torch.bfloat16)
+
+    def cfg(self, x, s, c, uc):
+        inputs = self.guider.prepare_inputs(x, s, dict(c), dict(uc))
+        return self.denoiser(self.network, *inputs, concat_images=None, chunk_dim=None, cfg_scale=self.guider.scale)
+
+    def single(self, x, s, c):
+        return self.denoiser(self.network, x, s, dict(c), concat_images=None, chunk_dim=None,
+                             cfg_scale=self.guider.scale)
+
+
+def timed(fn, repeats):
+    """Warm-up call, then ``repeats`` timed calls; returns (median s, peaks, output)."""
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times, out = [], None
+        for _ in range(repeats):
+            out = None
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    peaks = (torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB)
+    return statistics.median(times), peaks, out
+
+
+def count_syncs(fn) -> int:
+    """Host synchronisations (cudaStreamSynchronize/cudaDeviceSynchronize) in one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    total = sum(e.count for e in prof.key_averages()
+                if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    return total - 1  # the synchronize this function adds
+
+
+def rel_err(a, b) -> tuple[float, float]:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max()), float((a - b).norm() / b.norm())
+
+
+def table(title, header, rows):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+    lines = [title, "  ".join(str(h).ljust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    print("\n".join(lines) + "\n", flush=True)
+
+
+# ---------------------------------------------------------------- stages
+
+def stage_resident(args, cfg, res):
+    dev = torch.device("cuda", 0)
+    ours = build_ours(cfg, "fp32", dev)
+    exact = build_ours(cfg, "exact", dev, share=ours)
+    upstream = build_upstream(cfg, ours)
+    x, s, c, uc, tokens = latent_inputs(args.size, args.frames, dev)
+    res["tokens_per_sample"] = tokens
+    rows, outs = [], {}
+    torch.cuda.empty_cache()
+    weights_gib = torch.cuda.memory_allocated() / GIB
+    for name, dit in (("upstream", upstream), ("scail-win fp32 rope", ours), ("scail-win exact rope", exact)):
+        step = Step(cfg, dit)
+        sec, peaks, out = timed(lambda: step.cfg(x, s, c, uc), args.repeats)
+        outs[name] = out.float().cpu()
+        del out
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            step.single(x, s, c)
+        act1 = torch.cuda.max_memory_allocated() / GIB - weights_gib
+        syncs = count_syncs(lambda: step.single(x, s, c))
+        res[name] = {"cfg_step_s": sec, "peak_alloc_gib": peaks[0], "peak_reserved_gib": peaks[1],
+                     "batch1_activation_gib": act1, "host_syncs_batch1": syncs}
+        torch.cuda.empty_cache()
+    base = res["upstream"]["cfg_step_s"]
+    for name, r in ((n, res[n]) for n in outs):
+        err = rel_err(outs[name], outs["upstream"]) if name != "upstream" else (0.0, 0.0)
+        r["max_abs_err_vs_upstream"], r["rel_err_vs_upstream"] = err
+        rows.append((name, f"{r['cfg_step_s']:.2f}", f"{r['cfg_step_s'] / base:.3f}", f"{r['peak_alloc_gib']:.1f}",
+                     f"{r['batch1_activation_gib']:.2f}", r["host_syncs_batch1"], f"{err[0]:.3g}", f"{err[1]:.3g}"))
+    table(f"Resident CFG step, {args.size[0]}x{args.size[1]}x{args.frames} ({2 * tokens} tokens), weights "
+          f"{weights_gib:.1f} GiB", ("model", "step s", "x upstream", "peak GiB", "act b1 GiB", "syncs b1",
+                                     "max abs err", "rel err"), rows)
+    del upstream, exact, outs
+    torch.cuda.empty_cache()
+    return ours
+
+
+def stage_swap(args, cfg, res, ours):
+    from scail_win import memory, offload
+    from scail_win.model_loader import _SplitCFG
+
+    dev = torch.device("cuda", 0)
+    x, s, c, uc, tokens = latent_inputs(args.size, args.frames, dev)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    step = Step(cfg, ours)
+    resident_s = res.get("scail-win fp32 rope", {}).get("cfg_step_s")
+    if resident_s is None:
+        resident_s, _, _ = timed(lambda: step.cfg(x, s, c, uc), args.repeats)
+    with torch.no_grad():
+        ref = step.cfg(x, s, c, uc).float().cpu()
+    for p in ours.parameters():
+        p.data = p.data.cpu()
+    torch.cuda.empty_cache()
+    groups = offload.scail_layer_groups(ours)
+    group_bytes = max(g.numel for g in groups) * 2
+    resident_bytes = sum(p.numel() for p in ours.parameters()) * 2 - sum(g.numel for g in groups) * 2
+    rows = []
+    for card in args.budgets:
+        dit_spec, *_ = memory.scail_specs(*args.size, args.frames, group_bytes=group_bytes,
+                                          resident_bytes=resident_bytes)
+        plan = memory.plan_memory(dit_spec, total_vram_bytes=int(card * GIB))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, card * GIB / total), dev)
+        swap = offload.BlockSwap(ours, offload.scail_layer_groups(ours), dev, resident_groups=plan.blocks_on_gpu,
+                                 mode=plan.offload_mode if plan.offload_mode != "none" else "pinned",
+                                 prefetch=plan.prefetch)
+        t0 = time.perf_counter()
+        swap.attach()
+        attach_s = time.perf_counter() - t0
+        handles = [memory.chunk_forward(layer.mlp, plan.ffn_chunk_tokens)
+                   for layer in ours.transformer.layers] if plan.ffn_chunk_tokens else []
+        if plan.cfg_split:
+            step.network.forward = _SplitCFG(step.network)
+        try:
+            sec, peaks, out = timed(lambda: step.cfg(x, s, c, uc), args.repeats)
+            err = rel_err(out.cpu(), ref)
+            del out
+            status = "ok"
+        except torch.cuda.OutOfMemoryError as exc:
+            sec, peaks, err, status = float("nan"), (float("nan"),) * 2, (float("nan"),) * 2, f"OOM {exc}"[:80]
+        swap.release_all()
+        hm = host_memory()
+        for h in handles:
+            h.remove()
+        step.network.__dict__.pop("forward", None)
+        swap.detach()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        res[f"swap_{card:g}GiB"] = {"plan": plan.describe(), "blocks_on_gpu": plan.blocks_on_gpu,
+                                    "cfg_split": plan.cfg_split, "ffn_chunk": plan.ffn_chunk_tokens,
+                                    "step_s": sec, "vs_resident": sec / resident_s, "peak_alloc_gib": peaks[0],
+                                    "peak_reserved_gib": peaks[1], "attach_s": attach_s, "host": hm,
+                                    "max_abs_err_vs_resident": err[0], "rel_err_vs_resident": err[1],
+                                    "status": status}
+        rows.append((f"{card:g} GiB", plan.blocks_on_gpu, "yes" if plan.cfg_split else "no",
+                     plan.ffn_chunk_tokens or "-", f"{sec:.2f}", f"{sec / resident_s:.3f}", f"{peaks[0]:.2f}",
+                     f"{peaks[1]:.2f}", f"{hm.get('RssAnon', 0):.1f}", f"{hm.get('VmHWM', 0):.1f}",
+                     f"{err[1]:.2g}", status))
+    table(f"Block swap (pinned masters, side-stream prefetch); resident step {resident_s:.2f} s",
+          ("card", "blocks on GPU", "split CFG", "FFN chunk", "step s", "x resident", "peak alloc GiB",
+           "peak reserved GiB", "RssAnon GiB", "peak RSS GiB", "rel err", "status"), rows)
+
+
+def stage_phases(args, res):
+    """T5, CLIP and VAE at the 8 GiB plan (random weights, full architectures)."""
+    from scail_win import memory, offload, vae_tiling
+    from scail_win.lazy_init import empty_weights
+
+    dev = torch.device("cuda", 0)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    card = 8.0
+    _, t5_spec, clip_spec, vae_spec = memory.scail_specs(*args.size, args.frames)
+    dit_spec, *_ = memory.scail_specs(*args.size, args.frames)
+    plan = memory.plan_memory(dit_spec, total_vram_bytes=int(card * GIB), t5=t5_spec, clip=clip_spec, vae=vae_spec)
+    rows = []
+
+    def measure(name, fn):
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(card * GIB / total, dev)
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                fn()
+            torch.cuda.synchronize()
+            status = "ok"
+        except torch.cuda.OutOfMemoryError:
+            status = "OOM"
+        sec = time.perf_counter() - t0
+        peaks = (torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB)
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        res[f"phase_{name}"] = {"s": sec, "peak_alloc_gib": peaks[0], "peak_reserved_gib": peaks[1],
+                                "status": status}
+        rows.append((name, f"{peaks[0]:.2f}", f"{peaks[1]:.2f}", f"{sec:.2f}", status))
+
+    # umT5-XXL encoder: block-swapped through the GPU, 512 tokens.
+    from sgm.modules.encoders.umt5 import umt5_xxl
+    t5 = umt5_xxl(encoder_only=True, return_tokenizer=False, dtype=torch.bfloat16, device="meta")
+    for name, p in list(t5.named_parameters()):
+        owner = t5.get_submodule(name.rsplit(".", 1)[0]) if "." in name else t5
+        owner._parameters[name.rsplit(".", 1)[-1]] = torch.nn.Parameter(
+            torch.empty(p.shape, dtype=torch.bfloat16).uniform_(-0.02, 0.02), requires_grad=False)
+    ids = torch.randint(0, 256_000, (1, TEXT_LEN), device=dev)
+    mask = torch.ones(1, TEXT_LEN, dtype=torch.long, device=dev)
+    swap = offload.BlockSwap(t5, offload.groups_from_modulelists(t5, ["blocks"]), dev, mode="stream")
+    swap.attach()
+    measure(f"text (umT5, {plan.t5_placement})", lambda m=t5: m(ids, mask))
+    swap.detach()
+    del t5, swap
+
+    # CLIP ViT-H/14 visual tower, as CLIPModel.visual runs it.
+    from sgm.modules.encoders.clip import clip_xlm_roberta_vit_h_14
+    clip, _ = clip_xlm_roberta_vit_h_14(pretrained=False, return_transforms=True, return_tokenizer=False,
+                                        dtype=torch.float16, device="meta")
+    random_weights_(clip, dev)
+    clip = clip.half()
+    image = torch.randn(1, 3, 224, 224, device=dev, dtype=torch.float16)
+    measure("clip", lambda m=clip: m.visual(image, use_31_block=True))
+    del clip
+
+    # Wan VAE: encode the 81-frame i2v clip and decode 21 latent frames, tiled per the plan.
+    from sgm.models.wan_vae import WanVAE_
+    with empty_weights():
+        vae = WanVAE_(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                      temperal_downsample=[False, True, True], dropout=0.0)
+    random_weights_(vae, dev)
+    vae = vae.to(torch.bfloat16)
+    scale = [torch.zeros(16, device=dev, dtype=torch.bfloat16), torch.ones(16, device=dev, dtype=torch.bfloat16)]
+
+    class Vae:
+        model, device, dtype = vae, dev, torch.bfloat16
+
+        def encode(self, videos):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return torch.cat([vae.encode(u.unsqueeze(0), scale).float() for u in videos])
+
+        def decode(self, zs):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return torch.cat([vae.decode(u.unsqueeze(0), scale).float().clamp_(-1, 1) for u in zs])
+
+    wrapped = Vae()
+    h, w = args.size
+    video = torch.zeros(1, 3, args.frames, h, w, device=dev, dtype=torch.bfloat16)
+    enc = plan.vae_tile_kwargs_for("encode")
+    dec = plan.vae_tile_kwargs_for("decode")
+    measure(f"vae encode {enc.get('tile_px', 'untiled')}",
+            lambda v=video: vae_tiling.tiled_encode(wrapped, v, **enc) if enc else wrapped.encode(v))
+    del video
+    z = torch.randn(1, 16, (args.frames - 1) // 4 + 1, h // 8, w // 8, device=dev, dtype=torch.bfloat16)
+    measure(f"vae decode {dec.get('tile_latent', 'untiled')}",
+            lambda: vae_tiling.tiled_decode(wrapped, z, **dec) if dec else wrapped.decode(z))
+    res["phases_plan"] = plan.describe()
+    table(f"Other phases at the {card:g} GiB plan (process capped to {card:g} GiB)",
+          ("phase", "peak alloc GiB", "peak reserved GiB", "s", "status"), rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    scail_root = Path(args.scail_root).resolve()
+    sys.path.insert(0, str(scail_root))
+    import scail_win.hook
+    scail_win.hook.install()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    cfg = model_config(scail_root, args.layers)
+    init_upstream_distributed()
+    ours = None
+    try:
+        if "resident" in args.stages:
+            ours = stage_resident(args, cfg, res)
+        if "swap" in args.stages:
+            if ours is None:
+                ours = build_ours(cfg, "fp32", torch.device("cuda", 0))
+            stage_swap(args, cfg, res, ours)
+        del ours
+        torch.cuda.empty_cache()
+        if "phases" in args.stages:
+            stage_phases(args, res)
+    finally:
+        res["host_final"] = host_memory()
+        (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
