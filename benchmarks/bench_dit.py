@@ -24,6 +24,7 @@ Prints one table per stage and writes results.json to --out.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -232,14 +233,14 @@ def stage_resident(args, cfg, res):
     weights_gib = torch.cuda.memory_allocated() / GIB
     for name, dit in (("upstream", upstream), ("scail-win fp32 rope", ours), ("scail-win exact rope", exact)):
         step = Step(cfg, dit)
-        sec, peaks, out = timed(lambda: step.cfg(x, s, c, uc), args.repeats)
+        sec, peaks, out = timed(lambda st=step: st.cfg(x, s, c, uc), args.repeats)
         outs[name] = out.float().cpu()
         del out
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             step.single(x, s, c)
         act1 = torch.cuda.max_memory_allocated() / GIB - weights_gib
-        syncs = count_syncs(lambda: step.single(x, s, c))
+        syncs = count_syncs(lambda st=step: st.single(x, s, c))
         res[name] = {"cfg_step_s": sec, "peak_alloc_gib": peaks[0], "peak_reserved_gib": peaks[1],
                      "batch1_activation_gib": act1, "host_syncs_batch1": syncs}
         torch.cuda.empty_cache()
@@ -252,7 +253,8 @@ def stage_resident(args, cfg, res):
     table(f"Resident CFG step, {args.size[0]}x{args.size[1]}x{args.frames} ({2 * tokens} tokens), weights "
           f"{weights_gib:.1f} GiB", ("model", "step s", "x upstream", "peak GiB", "act b1 GiB", "syncs b1",
                                      "max abs err", "rel err"), rows)
-    del upstream, exact, outs
+    del upstream, exact, outs, step
+    gc.collect()  # sat's transformer refers to itself: only the collector frees it
     torch.cuda.empty_cache()
     return ours
 
@@ -272,7 +274,11 @@ def stage_swap(args, cfg, res, ours):
         ref = step.cfg(x, s, c, uc).float().cpu()
     for p in ours.parameters():
         p.data = p.data.cpu()
+    del step
+    step = Step(cfg, ours)
+    gc.collect()
     torch.cuda.empty_cache()
+    res["swap_gpu_before_gib"] = torch.cuda.memory_allocated() / GIB
     groups = offload.scail_layer_groups(ours)
     group_bytes = max(g.numel for g in groups) * 2
     resident_bytes = sum(p.numel() for p in ours.parameters()) * 2 - sum(g.numel for g in groups) * 2

@@ -7,6 +7,7 @@ Thin on purpose: each subcommand's module owns its parser and its
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -43,8 +44,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point; also what ``python -m scail_win`` runs."""
+    try:
+        status = main()
+        # Flush here, inside the handler: a failed flush at interpreter exit
+        # is only reported as "Exception ignored ... BrokenPipeError".
+        if sys.stdout is not None:  # None under pythonw
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`scail-win hook | head`). Point stdout at the
+        # null device so the exit-time flush of what is still buffered cannot
+        # fail again, and exit 1 as Python itself does on EPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        status = 1
+    sys.exit(status)
 
 
 if __name__ == "__main__":

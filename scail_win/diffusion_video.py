@@ -5,8 +5,9 @@ uses, so upstream's own ``sampling_main`` runs against it too. What differs:
 
 * nothing touches the GPU while building: T5, CLIP and the VAE get their
   ``device`` from here (upstream's defaults call
-  ``torch.cuda.current_device()`` at import time), and ``empty_weights=True``
-  builds the DiT on ``meta`` for the weights loader to fill;
+  ``torch.cuda.current_device()`` at import time; :func:`cpu_safe_defaults`
+  lets those modules import on a machine without CUDA), and
+  ``empty_weights=True`` builds the DiT on ``meta`` for the weights loader;
 * with one process, attention skips the Ulysses all-to-all collectives
   (:mod:`scail_win.attention`) and no barrier or broadcast is issued;
 * where each component lives, and when it moves, is decided in one place:
@@ -65,6 +66,24 @@ def _patched(module, name: str, value) -> Iterator[None]:
         yield
     finally:
         setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def cpu_safe_defaults() -> Iterator[None]:
+    """Import upstream modules whose default arguments need a GPU, on a machine without one.
+
+    ``sgm.modules.encoders.umt5`` and ``clip`` declare ``device=torch.cuda.
+    current_device()`` as a default argument, which Python evaluates when the
+    module is imported: without CUDA that import raises. Inside this block,
+    on such a machine, the call gives ``"cpu"``. Only that default changes,
+    and scail-win always passes ``device`` explicitly, so nothing runs
+    differently; with CUDA the block does nothing.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    with _patched(torch.cuda, "current_device", lambda: "cpu"):
+        yield
 
 
 def _dtype_from_args(args) -> Tuple[torch.dtype, str]:
@@ -192,7 +211,7 @@ class SATVideoDiffusionEngine(nn.Module):
                 if "T5EncoderModel" in emb.get("target", ""):
                     emb.setdefault("params", {})["device"] = "cpu"
             log.info("loading the text encoder")
-            with self.component_context(), skip_init():
+            with self.component_context(), skip_init(), cpu_safe_defaults():
                 obj = _instantiate(config)
         elif name == "i2v_clip":
             if self._i2v_clip_config is None:
@@ -200,7 +219,7 @@ class SATVideoDiffusionEngine(nn.Module):
             config = copy.deepcopy(self._i2v_clip_config)
             config.setdefault("params", {})["device"] = "cpu"
             log.info("loading the CLIP image encoder")
-            with self.component_context(), skip_init():
+            with self.component_context(), skip_init(), cpu_safe_defaults():
                 obj = _instantiate(config)
         elif name == "first_stage_model":
             config = copy.deepcopy(self._first_stage_config)
@@ -215,7 +234,9 @@ class SATVideoDiffusionEngine(nn.Module):
             raise KeyError(name)
         self._lazy[name] = obj
         if isinstance(obj, nn.Module):
-            self.add_module(name, obj)
+            # A submodule, as in upstream's engine; add_module refuses the
+            # name because the class has a property of that name.
+            self._modules[name] = obj
         return obj
 
     @property
@@ -307,7 +328,7 @@ class SATVideoDiffusionEngine(nn.Module):
 
         The component comes to the compute device for the phase and goes
         back to the CPU after it, unless the plan keeps it resident (the DiT
-        on a card that holds it); memory is collected at every boundary.
+        on a card that holds it); GPU memory is collected at every boundary.
         """
         device = self.compute_device
         if device.type == "cpu":
@@ -323,8 +344,11 @@ class SATVideoDiffusionEngine(nn.Module):
         finally:
             if not keep:
                 self._move_component(name, torch.device("cpu"))
-            gc.collect()
             if device.type == "cuda":
+                # sat's modules hold reference cycles: only the collector
+                # frees their GPU memory. (On the CPU a collection frees
+                # nothing for the next phase and costs ~0.4 s.)
+                gc.collect()
                 torch.cuda.empty_cache()
 
     # -- first stage ------------------------------------------------------------
@@ -332,6 +356,9 @@ class SATVideoDiffusionEngine(nn.Module):
     def _vae_call(self, fn_name: str, x: torch.Tensor) -> torch.Tensor:
         from . import vae_tiling
         vae = self.first_stage_model
+        if x.device.type == "cpu" and isinstance(getattr(vae, "dtype", None), torch.dtype):
+            # WanVAE autocasts on CUDA only; on the CPU the input must already be in its dtype.
+            x = x.to(vae.dtype)
         plan = self.memory_plan
         kwargs = plan.vae_tile_kwargs_for(fn_name) if plan is not None else {}
         if kwargs:
@@ -357,6 +384,22 @@ class SATVideoDiffusionEngine(nn.Module):
             torch.distributed.broadcast(z, src=mpu.get_data_broadcast_src_rank(),
                                         group=mpu.get_data_broadcast_group())
         return z
+
+    @torch.no_grad()
+    def clip_features(self, videos: torch.Tensor) -> torch.Tensor:
+        """CLIP visual features of ``videos`` (B C T H W in [-1, 1]), as upstream computes them.
+
+        Upstream's ``CLIPModel.visual`` relies on CUDA autocast to run its
+        fp16 weights on the bf16 frames. CPU autocast cannot stand in (fp16
+        mode rejects bf16 inputs, and CPU layer norms refuse fp16 weights on
+        fp32 inputs), so on the CPU CLIP runs in fp32 and its features are
+        returned in the dtype the GPU path gives.
+        """
+        clip = self.i2v_clip
+        if videos.device.type != "cpu":
+            return clip.visual(videos)
+        clip.model.float()
+        return clip.visual(videos.float()).to(clip.dtype)
 
     # -- sampling -----------------------------------------------------------------
 

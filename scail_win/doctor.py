@@ -287,17 +287,44 @@ def check_scail(explicit: str | None) -> tuple[Check, Path | None]:
     return Check("scail", "OK", detail), root
 
 
-def check_weights(explicit: str | None, scail_root: Path | None) -> list[Check]:
+def find_weights(explicit: str | None, scail_root: Path | None) -> tuple[Path | None, str]:
+    """The weights folder to check and where it came from.
+
+    ``--weights``, else ``$SCAIL_WEIGHTS``, else ``./SCAIL-Preview`` -- the
+    order ``scail-win sample`` uses (:func:`scail_win.arguments.resolve_weights_dir`)
+    -- and, when none of those exists, ``SCAIL-Preview`` beside the checkout.
+    """
+    from scail_win.arguments import DEFAULT_WEIGHTS_DIR, WEIGHTS_ENV, resolve_weights_dir
+
     if explicit:
-        root = Path(explicit)
-    else:
-        candidates = [p / "SCAIL-Preview" for p in (scail_root, Path.cwd()) if p is not None]
-        root = next((p for p in candidates if p.is_dir()), None)
-        if root is None:
-            return [Check("weights", "FAIL", "no weights folder (SCAIL-Preview) found beside the checkout "
-                          "or in the current folder", "pass --weights DIR")]
+        return resolve_weights_dir(explicit), "--weights"
+    if os.environ.get(WEIGHTS_ENV):
+        return resolve_weights_dir(), WEIGHTS_ENV
+    default = resolve_weights_dir()
+    if default.is_dir():
+        return default, "current folder"
+    if scail_root is not None and (scail_root / DEFAULT_WEIGHTS_DIR).is_dir():
+        return Path(os.path.abspath(scail_root / DEFAULT_WEIGHTS_DIR)), "beside the SCAIL checkout"
+    return None, ""
+
+
+def check_weights(explicit: str | None, scail_root: Path | None) -> list[Check]:
+    from scail_win.arguments import WEIGHTS_ENV, resolve_weights_dir
+
+    root, origin = find_weights(explicit, scail_root)
+    if root is None:
+        return [Check("weights", "FAIL", f"no weights folder: not given by --weights or {WEIGHTS_ENV}, "
+                      f"and no SCAIL-Preview in the current folder or beside the checkout",
+                      "pass --weights DIR")]
+    checks = []
+    if origin == "beside the SCAIL checkout":
+        # sample resolves the folder the same way minus this last fallback.
+        checks.append(Check("weights", "WARN", f"{root} found beside the SCAIL checkout, but `scail-win sample` "
+                            f"run from here looks in {resolve_weights_dir()}",
+                            f"pass --weights \"{root}\" or set {WEIGHTS_ENV}"))
     kind = detect_layout(root)
-    checks = [Check("weights", "OK", f"{root}: {kind} layout")] if kind else []
+    if kind:
+        checks.append(Check("weights", "OK", f"{root} ({origin}): {kind} layout"))
     return checks + [Check("weights", fc.status, fc.message, fc.fix) for fc in verify_weights_dir(root)]
 
 
@@ -393,8 +420,9 @@ def run_checks(weights: str | None = None, scail: str | None = None, output: str
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scail-win doctor",
                                 description="Check this machine, the SCAIL checkout and the weights for scail-win.")
-    p.add_argument("--weights", help="the weights folder (SCAIL-Preview, or one made by convert); "
-                                     "default: SCAIL-Preview beside the checkout or in the current folder")
+    p.add_argument("--weights", help="the weights folder (SCAIL-Preview, or one made by convert); default: "
+                                     "the SCAIL_WEIGHTS environment variable, else ./SCAIL-Preview, else "
+                                     "SCAIL-Preview beside the checkout")
     p.add_argument("--scail", help="the SCAIL checkout (default: SCAIL_ROOT, or the current folder)")
     p.add_argument("--output", default="samples", help="where videos will be written (free space check)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")

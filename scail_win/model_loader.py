@@ -34,6 +34,20 @@ DIT_PREFIX = "model.diffusion_model."
 MAX_FRAMES_DEFAULT = 81
 
 
+# What a SCAIL checkout provides: sampling imports these by name.
+SCAIL_MODULES = ("sat", "sgm", "dit_video_crossattn_sc_xc")
+
+
+def require_scail_code() -> None:
+    """UserError unless SCAIL's code (its sat, sgm and DiT module) can be imported."""
+    import importlib.util
+
+    missing = [name for name in SCAIL_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"SCAIL's code is not importable ({', '.join(missing)} not found): run inside a "
+                        f"SCAIL checkout, or put the checkout on PYTHONPATH")
+
+
 def _norm(path) -> str:
     return os.path.normcase(os.path.abspath(os.fspath(path)))
 
@@ -60,8 +74,13 @@ def component_weights(files: Dict[str, Path]) -> Iterator[None]:
 
     def load(f, *args, **kwargs):
         if isinstance(f, (str, os.PathLike)) and _norm(f) in mapping:
-            with weights.open_state_dict(mapping[_norm(f)]) as source:
-                return {name: source[name] for name in source}
+            # The reader opens .pt files with torch.load itself: give it the real one.
+            torch.load = original_load
+            try:
+                with weights.open_state_dict(mapping[_norm(f)]) as source:
+                    return {name: source[name] for name in source}
+            finally:
+                torch.load = load
         return original_load(f, *args, **kwargs)
 
     def load_state_dict(module, state_dict, strict=True, assign=False):

@@ -23,6 +23,7 @@ from typing import Iterable, List, Optional
 from .errors import UserError
 from .jobs import (Job, ModelLimits, check_resolution, config_resolution, interactive_jobs,
                    read_input_file, resolve_max_frames, validate_job, validate_jobs)
+from .smoke import SMOKE_FRAMES, SMOKE_SIZE, SMOKE_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the SCAIL-Preview folder (default: the config's args.weights, else the "
                                "SCAIL_WEIGHTS environment variable, else ./SCAIL-Preview)")
     sampling.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed")
-    sampling.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help="denoising steps")
+    sampling.add_argument("--steps", type=_positive_int,
+                          help=f"denoising steps, {SMOKE_STEPS} with --smoke (default: {DEFAULT_STEPS})")
     sampling.add_argument("--cfg-scale", type=_non_negative_number, default=DEFAULT_CFG_SCALE,
                           metavar="SCALE", help="classifier-free guidance scale")
     sampling.add_argument("--resolution", type=parse_resolution, metavar="HxW",
@@ -160,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("run")
     run.add_argument("--smoke", action="store_true",
-                     help="quick end-to-end check of the pipeline; the weights folder is not required")
+                     help="check the whole pipeline in seconds on a tiny SCAIL with random weights (no "
+                          "weights folder; needs SCAIL's code): runs the given jobs, or a generated "
+                          f"example, at --resolution (default {SMOKE_SIZE[0]}x{SMOKE_SIZE[1]}) and "
+                          f"--max-frames (default {SMOKE_FRAMES})")
     chatter = run.add_mutually_exclusive_group()
     chatter.add_argument("--quiet", action="store_true", help="only warnings and errors")
     chatter.add_argument("--debug", action="store_true", help="debug logging; tracebacks on errors")
@@ -195,18 +200,24 @@ def prepare(opts: argparse.Namespace) -> Iterable[Job]:
     """Resolve the config-dependent options in ``opts`` and return the checked jobs.
 
     Afterwards ``opts.resolution`` is the (H, W) for landscape references,
-    ``opts.max_frames`` the frame cap and ``opts.weights`` the absolute
-    weights folder.  The jobs are a list, validated as a whole, except at an
+    ``opts.max_frames`` the frame cap, ``opts.steps`` the step count and
+    ``opts.weights`` the absolute weights folder (``--smoke``: the smoke
+    model's size, length and steps unless given).  The jobs are a list, validated as a whole, except at an
     interactive terminal, where each is validated as it is typed.
     """
     from .arguments import load_config
 
     config = load_config(opts.base, opts.weights)
     limits = ModelLimits.from_config(config)
+    if opts.smoke:
+        # The smoke model is made for the size and length asked for.
+        opts.resolution = opts.resolution or SMOKE_SIZE
+        opts.max_frames = opts.max_frames or SMOKE_FRAMES
     resolution = opts.resolution or config_resolution(config)
     check_resolution(resolution, limits, "--resolution" if opts.resolution else "the config's sampling_image_size")
     opts.resolution = resolution
     opts.max_frames = resolve_max_frames(opts.max_frames, limits)
+    opts.steps = opts.steps or (SMOKE_STEPS if opts.smoke else DEFAULT_STEPS)
     opts.weights = Path(config.args.weights)
     settings = dict(resolution=resolution, max_frames=opts.max_frames, limits=limits, output_dir=opts.output_dir)
 
@@ -219,6 +230,8 @@ def prepare(opts: argparse.Namespace) -> Iterable[Job]:
     elif opts.input_file is not None:
         jobs, problems = read_input_file(opts.input_file)
         ready = validate_jobs(jobs, problems, **settings)
+    elif opts.smoke and (sys.stdin is None or sys.stdin.isatty()):
+        return []  # --smoke without jobs makes its own example
     elif sys.stdin is None:
         raise UserError("no jobs: pass --input-dir DIR or --input-file FILE")
     elif sys.stdin.isatty():
@@ -226,6 +239,8 @@ def prepare(opts: argparse.Namespace) -> Iterable[Job]:
         return interactive_jobs(lambda job: validate_job(job, **settings))
     else:
         jobs, problems = read_input_file("-")
+        if opts.smoke and not jobs and not problems:
+            return []
         ready = validate_jobs(jobs, problems, **settings)
     check_weights(opts)
     return ready

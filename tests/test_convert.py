@@ -28,7 +28,7 @@ def _env():
 
 
 def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "scail_win.convert", *map(str, args), "--no-progress"],
+    return subprocess.run([sys.executable, "-m", "scail_win", "convert", *map(str, args), "--no-progress"],
                           capture_output=True, text=True, encoding="utf-8", env=_env(), timeout=timeout)
 
 

@@ -39,7 +39,7 @@ def test_cli_json_on_truncated_weights_fails_without_traceback(tmp_path):
     (weights / VAE_PTH).write_bytes(b"")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                PYTHONIOENCODING="utf-8")
-    result = subprocess.run([sys.executable, "-m", "scail_win.doctor", "--weights", str(weights), "--json",
+    result = subprocess.run([sys.executable, "-m", "scail_win", "doctor", "--weights", str(weights), "--json",
                              "--output", str(tmp_path / "out")],
                             capture_output=True, text=True, encoding="utf-8", env=env, timeout=120)
     assert result.returncode == 1, result.stderr
@@ -89,12 +89,34 @@ def test_text_output_converted_folder_corruptions(tmp_path, capsys):
 
 
 def test_missing_weights_folder_is_a_failure(tmp_path, monkeypatch):
+    monkeypatch.delenv("SCAIL_WEIGHTS", raising=False)
     monkeypatch.chdir(tmp_path)
     checks = doctor.check_weights(None, None)
     assert len(checks) == 1 and checks[0].status == "FAIL" and checks[0].fix == "pass --weights DIR"
     (tmp_path / "SCAIL-Preview").mkdir()
     (check,) = doctor.check_weights(None, None)
     assert check.status == "FAIL" and "neither a SCAIL-Preview folder" in check.detail
+
+
+def test_weights_folder_is_found_as_sample_finds_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("SCAIL_WEIGHTS", raising=False)
+    here, tree = tmp_path / "here", _scail_tree(tmp_path / "SCAIL é", with_example=False)
+    here.mkdir()
+    monkeypatch.chdir(here)
+    beside = tree / "SCAIL-Preview"
+    beside.mkdir()
+    # Only beside the checkout: checked, with a warning that sample looks in ./SCAIL-Preview.
+    assert doctor.find_weights(None, tree) == (beside, "beside the SCAIL checkout")
+    warn = doctor.check_weights(None, tree)[0]
+    assert warn.status == "WARN" and str(here / "SCAIL-Preview") in warn.detail and "SCAIL_WEIGHTS" in warn.fix
+    (here / "SCAIL-Preview").mkdir()
+    assert doctor.find_weights(None, tree) == (here / "SCAIL-Preview", "current folder")
+    env_dir = tmp_path / "from env"
+    monkeypatch.setenv("SCAIL_WEIGHTS", str(env_dir))
+    assert doctor.find_weights(None, tree) == (env_dir, "SCAIL_WEIGHTS")
+    (check,) = doctor.check_weights(None, tree)  # named but missing: the loader's own message
+    assert check.status == "FAIL" and f"weights folder {env_dir} does not exist" in check.detail
+    assert doctor.find_weights("rel", tree) == (here / "rel", "--weights")
 
 
 def test_scail_tree_and_git_commit(tmp_path, monkeypatch):

@@ -340,7 +340,7 @@ def test_hand_over_carries_validated_jobs(tmp_path, base, handed_over, monkeypat
 
 def test_packaged_config_is_the_default(tmp_path, handed_over):
     make_example(tmp_path / "ex", ref_size=(30, 20))
-    assert sample.main(["--input-dir", str(tmp_path / "ex"), "--smoke"]) == 0
+    assert sample.main(["--input-dir", str(tmp_path / "ex"), "--weights", str(tmp_path)]) == 0
     opts, (job,) = handed_over["opts"], handed_over["jobs"]
     assert opts.base is None and opts.resolution == (512, 896) and opts.max_frames == 81
     assert job.size == (896, 512)
