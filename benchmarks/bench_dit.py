@@ -16,6 +16,16 @@ Random weights, 16.4 B parameters, one sampling step at 512x896, 81 frames
   phases     the other phases at the 8 GiB plan: umT5-XXL (block-swapped),
              CLIP ViT-H, Wan VAE encode (81 frames) and decode (21 latent
              frames), tiled as the plan says; peak allocated/reserved each.
+  activations  (not in the default stages; meant for --layers 2) scail-win's
+             DiT resident, batch 1 and CFG batch 2: activation peak
+             (max_memory_allocated minus what was allocated before the call)
+             without lean layers and with lean layers (scail_win.lean_layer)
+             of no chunking and 32768 ... 4096 tokens, against the estimate
+             lean_activation_widths; time per call and error against the
+             model without lean layers.
+
+--lean-chunk N installs lean layers of N tokens on scail-win's DiTs in the
+resident and swap stages (0: lean layers without chunking).
 
 Usage (GPU machine, SCAIL tree in .scail, our package importable):
     PYTHONPATH=.:.scail python benchmarks/bench_dit.py --scail-root .scail --out $OUT
@@ -52,6 +62,8 @@ def parse_args(argv):
     p.add_argument("--budgets", default="24,12,8", help="card sizes (GiB) for the swap stage")
     p.add_argument("--repeats", type=int, default=2, help="timed calls after one warm-up")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (quick checks)")
+    p.add_argument("--lean-chunk", type=int, default=None,
+                   help="lean layers of this many tokens on scail-win's DiT (0: unchunked) in resident and swap")
     args = p.parse_args(argv)
     if not args.scail_root or not (Path(args.scail_root) / MODEL_YAML).is_file():
         p.error("--scail-root must name an upstream SCAIL checkout")
@@ -60,6 +72,8 @@ def parse_args(argv):
     args.size = tuple(int(v) for v in args.size.lower().split("x"))
     args.stages = [s for s in args.stages.split(",") if s]
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
+    if args.lean_chunk is not None and args.lean_chunk < 0:
+        p.error("--lean-chunk must be >= 0")
     return args
 
 
@@ -219,6 +233,21 @@ def table(title, header, rows):
     print("\n".join(lines) + "\n", flush=True)
 
 
+def install_lean(args, dit):
+    """Lean layers on ``dit`` as --lean-chunk asks; the handle, or None without the flag."""
+    if args.lean_chunk is None:
+        return None
+    from scail_win.lean_layer import install_lean_layers
+
+    return install_lean_layers(dit, args.lean_chunk or None)
+
+
+def lean_label(args) -> str:
+    if args.lean_chunk is None:
+        return ""
+    return f", lean layers ({args.lean_chunk or 'unchunked'})"
+
+
 # ---------------------------------------------------------------- stages
 
 def stage_resident(args, cfg, res):
@@ -226,8 +255,10 @@ def stage_resident(args, cfg, res):
     ours = build_ours(cfg, "fp32", dev)
     exact = build_ours(cfg, "exact", dev, share=ours)
     upstream = build_upstream(cfg, ours)
+    lean = [h for h in (install_lean(args, ours), install_lean(args, exact)) if h is not None]
     x, s, c, uc, tokens = latent_inputs(args.size, args.frames, dev)
     res["tokens_per_sample"] = tokens
+    res["lean_chunk"] = args.lean_chunk
     rows, outs = [], {}
     torch.cuda.empty_cache()
     weights_gib = torch.cuda.memory_allocated() / GIB
@@ -251,8 +282,10 @@ def stage_resident(args, cfg, res):
         rows.append((name, f"{r['cfg_step_s']:.2f}", f"{r['cfg_step_s'] / base:.3f}", f"{r['peak_alloc_gib']:.1f}",
                      f"{r['batch1_activation_gib']:.2f}", r["host_syncs_batch1"], f"{err[0]:.3g}", f"{err[1]:.3g}"))
     table(f"Resident CFG step, {args.size[0]}x{args.size[1]}x{args.frames} ({2 * tokens} tokens), weights "
-          f"{weights_gib:.1f} GiB", ("model", "step s", "x upstream", "peak GiB", "act b1 GiB", "syncs b1",
-                                     "max abs err", "rel err"), rows)
+          f"{weights_gib:.1f} GiB{lean_label(args)}", ("model", "step s", "x upstream", "peak GiB", "act b1 GiB",
+                                                       "syncs b1", "max abs err", "rel err"), rows)
+    for handle in lean:
+        handle.remove()
     del upstream, exact, outs, step
     gc.collect()  # sat's transformer refers to itself: only the collector frees it
     torch.cuda.empty_cache()
@@ -261,7 +294,7 @@ def stage_resident(args, cfg, res):
 
 def stage_swap(args, cfg, res, ours):
     from scail_win import memory, offload
-    from scail_win.model_loader import _SplitCFG
+    from scail_win.model_loader import _SplitCFG, place_dit
 
     dev = torch.device("cuda", 0)
     x, s, c, uc, tokens = latent_inputs(args.size, args.frames, dev)
@@ -288,14 +321,11 @@ def stage_swap(args, cfg, res, ours):
                                           resident_bytes=resident_bytes)
         plan = memory.plan_memory(dit_spec, total_vram_bytes=int(card * GIB))
         torch.cuda.set_per_process_memory_fraction(min(1.0, card * GIB / total), dev)
-        swap = offload.BlockSwap(ours, offload.scail_layer_groups(ours), dev, resident_groups=plan.blocks_on_gpu,
-                                 mode=plan.offload_mode if plan.offload_mode != "none" else "pinned",
-                                 prefetch=plan.prefetch)
         t0 = time.perf_counter()
-        swap.attach()
+        placement = place_dit(ours, plan, dev)  # what scail-win's model loader does
         attach_s = time.perf_counter() - t0
-        handles = [memory.chunk_forward(layer.mlp, plan.ffn_chunk_tokens)
-                   for layer in ours.transformer.layers] if plan.ffn_chunk_tokens else []
+        if placement.swap is None:
+            ours.to(dev)
         if plan.cfg_split:
             step.network.forward = _SplitCFG(step.network)
         try:
@@ -305,27 +335,85 @@ def stage_swap(args, cfg, res, ours):
             status = "ok"
         except torch.cuda.OutOfMemoryError as exc:
             sec, peaks, err, status = float("nan"), (float("nan"),) * 2, (float("nan"),) * 2, f"OOM {exc}"[:80]
-        swap.release_all()
+        if placement.swap is not None:
+            placement.swap.release_all()
         hm = host_memory()
-        for h in handles:
-            h.remove()
         step.network.__dict__.pop("forward", None)
-        swap.detach()
+        placement.undo()
+        if placement.swap is None:
+            ours.to("cpu")
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
         res[f"swap_{card:g}GiB"] = {"plan": plan.describe(), "blocks_on_gpu": plan.blocks_on_gpu,
-                                    "cfg_split": plan.cfg_split, "ffn_chunk": plan.ffn_chunk_tokens,
+                                    "cfg_split": plan.cfg_split, "lean_chunk": plan.layer_chunk_tokens,
+                                    "lean": plan.lean_layers,
                                     "step_s": sec, "vs_resident": sec / resident_s, "peak_alloc_gib": peaks[0],
                                     "peak_reserved_gib": peaks[1], "attach_s": attach_s, "host": hm,
                                     "max_abs_err_vs_resident": err[0], "rel_err_vs_resident": err[1],
                                     "status": status}
         rows.append((f"{card:g} GiB", plan.blocks_on_gpu, "yes" if plan.cfg_split else "no",
-                     plan.ffn_chunk_tokens or "-", f"{sec:.2f}", f"{sec / resident_s:.3f}", f"{peaks[0]:.2f}",
+                     (plan.layer_chunk_tokens or "all") if plan.lean_layers else "off", f"{sec:.2f}", f"{sec / resident_s:.3f}", f"{peaks[0]:.2f}",
                      f"{peaks[1]:.2f}", f"{hm.get('RssAnon', 0):.1f}", f"{hm.get('VmHWM', 0):.1f}",
                      f"{err[1]:.2g}", status))
-    table(f"Block swap (pinned masters, side-stream prefetch); resident step {resident_s:.2f} s",
-          ("card", "blocks on GPU", "split CFG", "FFN chunk", "step s", "x resident", "peak alloc GiB",
+    table(f"Memory plans (block swap: pinned masters, side-stream prefetch); resident step {resident_s:.2f} s",
+          ("card", "blocks on GPU", "split CFG", "lean chunk", "step s", "x resident", "peak alloc GiB",
            "peak reserved GiB", "RssAnon GiB", "peak RSS GiB", "rel err", "status"), rows)
+
+
+LEAN_CHUNKS = (None, 32768, 16384, 8192, 4096)
+
+
+def stage_activations(args, cfg, res):
+    """Activation peaks of scail-win's DiT without and with lean layers, batch 1 and 2."""
+    from scail_win.lean_layer import install_lean_layers, lean_activation_widths
+
+    dev = torch.device("cuda", 0)
+    ours = build_ours(cfg, "fp32", dev)
+    x, s, c, uc, tokens = latent_inputs(args.size, args.frames, dev)
+    step = Step(cfg, ours)
+    params = cfg.network_config.params
+    hidden, ffn = int(params.hidden_size), int(params.inner_hidden_size)
+    calls = {1: lambda st=step: st.single(x, s, c), 2: lambda st=step: st.cfg(x, s, c, uc)}
+    refs, rows, out = {}, [], {}
+    for label, chunk in [("off", False)] + [(str(n or "unchunked"), n) for n in LEAN_CHUNKS]:
+        handle = install_lean_layers(ours, chunk) if chunk is not False else None
+        try:
+            for batch, call in calls.items():
+                width = batch * tokens * hidden * 2  # bf16 widths of all samples
+                with torch.no_grad():
+                    result = call()  # warm-up: RoPE tables, kernels
+                    del result
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    torch.cuda.synchronize()
+                    before = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    t0 = time.perf_counter()
+                    result = call()
+                    torch.cuda.synchronize()
+                    sec = time.perf_counter() - t0
+                peak = torch.cuda.max_memory_allocated() - before
+                result = result.float().cpu()
+                if chunk is False:
+                    refs[batch] = result
+                err = rel_err(result, refs[batch])
+                estimate = None if chunk is False else lean_activation_widths(chunk, tokens, hidden, ffn, batch)
+                out[f"{label}_b{batch}"] = {"activation_gib": peak / GIB, "widths": peak / width,
+                                            "estimate_widths": estimate, "s": sec,
+                                            "max_abs_err_vs_off": err[0], "rel_err_vs_off": err[1]}
+                rows.append((label, batch, f"{peak / GIB:.2f}", f"{peak / width:.2f}",
+                             "-" if estimate is None else f"{estimate:.2f}", f"{sec:.3f}", f"{err[0]:.3g}",
+                             f"{err[1]:.3g}"))
+        finally:
+            if handle is not None:
+                handle.remove()
+    res["activations"] = {"tokens_per_sample": tokens, "layers": len(ours.transformer.layers), **out}
+    table(f"Activation peaks, {args.size[0]}x{args.size[1]}x{args.frames} ({tokens} tokens per sample), "
+          f"{len(ours.transformer.layers)} layers; widths of batch x {tokens} x {hidden} bf16",
+          ("lean chunk", "batch", "act GiB", "widths", "estimate", "s", "max abs err", "rel err"), rows)
+    del calls, step, ours
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def stage_phases(args, res):
@@ -436,6 +524,8 @@ def main(argv=None) -> int:
     init_upstream_distributed()
     ours = None
     try:
+        if "activations" in args.stages:
+            stage_activations(args, cfg, res)
         if "resident" in args.stages:
             ours = stage_resident(args, cfg, res)
         if "swap" in args.stages:

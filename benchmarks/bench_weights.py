@@ -42,7 +42,6 @@ def parse_args(argv):
     p.add_argument("--stages", default="fp8,files")
     p.add_argument("--card", type=float, default=8.0, help="card size (GiB) for the swapped runs")
     p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--lean-chunk", type=int, default=None, help="lean layer chunk for swapped runs")
     args = p.parse_args(argv)
     args.stages = args.stages.split(",")
     return args
@@ -104,7 +103,7 @@ def stage_fp8(args, cfg, res, dit, inputs):
 def stage_files(args, cfg, res, dit, inputs):
     from scail_win import memory, offload, weights
     from scail_win.diffusion_video import build_dit
-    from scail_win.model_loader import _SplitCFG
+    from scail_win.model_loader import _SplitCFG, place_dit
 
     dev = torch.device("cuda", 0)
     folder = Path(args.dir)
@@ -150,14 +149,8 @@ def stage_files(args, cfg, res, dit, inputs):
             plan = memory.plan_memory(dit_spec, total_vram_bytes=int(args.card * GIB), offload_mode=mode)
             torch.cuda.set_per_process_memory_fraction(args.card * GIB / total, dev)
             cw = weights.CheckpointWeights(source, dtype=torch.bfloat16)
-            if args.lean_chunk and hasattr(bd, "install_lean"):
-                bd.install_lean(model, args.lean_chunk)
-            swap = offload.BlockSwap(model, offload.scail_layer_groups(model), dev, resident_groups=plan.blocks_on_gpu,
-                                     mode=mode, prefetch=plan.prefetch, source=cw, materialize=cw.materialize)
-            swap.attach()
-            if plan.ffn_chunk_tokens:
-                for layer in model.transformer.layers:
-                    memory.chunk_forward(layer.mlp, plan.ffn_chunk_tokens)
+            placement = place_dit(model, plan, dev, cw)
+            swap = placement.swap
             if plan.cfg_split:
                 step.network.forward = _SplitCFG(step.network)
         ready = time.perf_counter() - t0
@@ -181,7 +174,7 @@ def stage_files(args, cfg, res, dit, inputs):
         peaks = (torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB)
         hm = bd.host_memory()
         if swap is not None:
-            swap.detach()
+            placement.undo()
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
         res[f"files_{label}"] = {"ready_s": ready, "first_step_s": first, "step_s": second, "peak_alloc_gib": peaks[0],
                                  "peak_reserved_gib": peaks[1], "host": hm, "rel_err_vs_bf16": err[1],

@@ -86,6 +86,18 @@ def cpu_safe_defaults() -> Iterator[None]:
         yield
 
 
+def _global_rng_untouched():
+    """Building draws nothing from the global CPU RNG that sampling would see.
+
+    Random initialisation is skipped, but some constructors still call
+    ``torch.randn`` (sat's AdaLN tables, CLIP's embeddings). Built lazily,
+    such a component would shift the initial noise by whether it was built
+    in this job: a cached text embedding would change the video. With this,
+    the first job's noise is the first draw after seeding.
+    """
+    return torch.random.fork_rng(devices=[])
+
+
 def _dtype_from_args(args) -> Tuple[torch.dtype, str]:
     if getattr(args, "fp16", False):
         return torch.float16, "fp16"
@@ -175,9 +187,10 @@ class SATVideoDiffusionEngine(nn.Module):
         self.memory_plan = None
         self._block_swap = None
 
-        network = build_dit(model_config["network_config"], dtype_str=self.dtype_str,
-                            use_i2v_clip=self.use_i2v_clip, rope_mode=getattr(args, "rope_mode", "fp32"),
-                            empty_weights=empty_weights)
+        with _global_rng_untouched():
+            network = build_dit(model_config["network_config"], dtype_str=self.dtype_str,
+                                use_i2v_clip=self.use_i2v_clip, rope_mode=getattr(args, "rope_mode", "fp32"),
+                                empty_weights=empty_weights)
         wrapper_target = model_config.get("network_wrapper", None) or DEFAULT_WRAPPER
         from sgm.util import get_obj_from_str
         self.model = get_obj_from_str(wrapper_target)(
@@ -211,7 +224,7 @@ class SATVideoDiffusionEngine(nn.Module):
                 if "T5EncoderModel" in emb.get("target", ""):
                     emb.setdefault("params", {})["device"] = "cpu"
             log.info("loading the text encoder")
-            with self.component_context(), skip_init(), cpu_safe_defaults():
+            with self.component_context(), skip_init(), cpu_safe_defaults(), _global_rng_untouched():
                 obj = _instantiate(config)
         elif name == "i2v_clip":
             if self._i2v_clip_config is None:
@@ -219,24 +232,28 @@ class SATVideoDiffusionEngine(nn.Module):
             config = copy.deepcopy(self._i2v_clip_config)
             config.setdefault("params", {})["device"] = "cpu"
             log.info("loading the CLIP image encoder")
-            with self.component_context(), skip_init(), cpu_safe_defaults():
+            with self.component_context(), skip_init(), cpu_safe_defaults(), _global_rng_untouched():
                 obj = _instantiate(config)
         elif name == "first_stage_model":
             config = copy.deepcopy(self._first_stage_config)
             config.setdefault("params", {})["device"] = "cpu"
             log.info("loading the VAE")
-            with self.component_context(), skip_init():
+            with self.component_context(), skip_init(), _global_rng_untouched():
                 obj = _instantiate(config)
             inner = obj.model if hasattr(obj, "model") and isinstance(obj.model, nn.Module) else obj
             for p in inner.parameters():
                 p.requires_grad_(False)
         else:
             raise KeyError(name)
-        self._lazy[name] = obj
         if isinstance(obj, nn.Module):
+            if self.dtype != torch.float32:
+                # Upstream's get_model casts the whole engine, T5 and CLIP
+                # (fp16 weights) included, to the run's precision.
+                obj.to(self.dtype)
             # A submodule, as in upstream's engine; add_module refuses the
             # name because the class has a property of that name.
             self._modules[name] = obj
+        self._lazy[name] = obj
         return obj
 
     @property

@@ -59,14 +59,15 @@ log = logging.getLogger(__name__)
 _RESIDUAL = 1.0  # the residual stream, updated in place
 _QKV = 3.0  # q, k and v buffers
 _ATTN_OUT = 1.0  # attention output (batch, heads, tokens, head_dim)
-# Projection chunk: LayerNorm out + modulate product + sum (3), then qkv (3)
-# beside the q or k RMSNorm's two live float32 temporaries (2 x 2).
+# Projection chunk: the qkv projection (3) beside the q or k RMSNorm's two
+# live float32 temporaries (2 x 2).
 _PROJECT_CHUNK = 3.0 + 2 * 2.0
-# After attention, per chunk: attention output rows copied out (1) and the
-# modulated FFN input (1) beside the FFN's inner activation and its GELU
-# (2 x ffn/hidden), plus the MLP output and the gated product (2).
-_TAIL_CHUNK_FIXED = 1.0 + 1.0 + 2.0
-_TAIL_CHUNK_PER_FFN = 2.0
+# After attention, per chunk: the cross-attention query (1) beside its
+# RMSNorm's float32 temporaries (2 x 2), or the modulated FFN input (1)
+# beside the FFN's inner activation and its GELU (2 x ffn/hidden).
+_CROSS_CHUNK = 1.0 + 2 * 2.0
+_FFN_CHUNK_FIXED = 1.0
+_FFN_CHUNK_PER_FFN = 2.0
 
 
 def lean_activation_widths(chunk_tokens: Optional[int], tokens: int, hidden: int, ffn: int, batch: int) -> float:
@@ -77,12 +78,16 @@ def lean_activation_widths(chunk_tokens: Optional[int], tokens: int, hidden: int
     sample of the batch.  With ``f = min(1, chunk_tokens / tokens)`` (1 when
     ``chunk_tokens`` is None) and ``F = ffn / hidden``::
 
-        batch * max(1 + 3 + 7 f,          # projection loop: residual, q/k/v, chunk
-                    1 + 3 + 1,            # attention: residual, q/k/v, output
-                    1 + 1 + (4 + 2 F) f)  # tail loop: residual, attention output, chunk
+        batch * max(1 + 3 + 7 f,                # projection loop: residual, q/k/v, chunk
+                    1 + 3 + 1,                  # attention: residual, q/k/v, output
+                    1 + 1 + max(5, 1 + 2 F) f)  # tail loop: residual, attention output, chunk
 
-    RoPE runs in place (scail-win's fused mixin); the text/CLIP keys and
-    values (769 tokens) are left to the planner's fixed costs.
+    (7 f and 5 f are bf16 models' qk RMSNorms, whose float32 temporaries
+    count two widths each.)  RoPE runs in place: no memory with the Triton
+    kernel, a fixed 64 MiB or so on the PyTorch path (scail_win.rotary's
+    TORCH_CHUNK_ELEMENTS).  Left to the planner's fixed costs as well: the
+    text/CLIP keys and values (769 tokens) and attention's log-sum-exp
+    (batch x heads x tokens float32).
     """
     for name, value in (("tokens", tokens), ("hidden", hidden), ("ffn", ffn), ("batch", batch)):
         if not isinstance(value, int) or value < 1:
@@ -91,7 +96,7 @@ def lean_activation_widths(chunk_tokens: Optional[int], tokens: int, hidden: int
     f = 1.0 if chunk_tokens is None else min(1.0, chunk_tokens / tokens)
     project = _RESIDUAL + _QKV + _PROJECT_CHUNK * f
     attend = _RESIDUAL + _QKV + _ATTN_OUT
-    tail = _RESIDUAL + _ATTN_OUT + (_TAIL_CHUNK_FIXED + _TAIL_CHUNK_PER_FFN * ffn / hidden) * f
+    tail = _RESIDUAL + _ATTN_OUT + max(_CROSS_CHUNK, _FFN_CHUNK_FIXED + _FFN_CHUNK_PER_FFN * ffn / hidden) * f
     return batch * max(project, attend, tail)
 
 
@@ -240,16 +245,17 @@ class LeanLayers:
         import torch
 
         reason = self._unsupported_call(hidden_states, kwargs)
+        modulation = None
+        if reason is None:
+            modulation = self._modulation(int(kwargs["layer_id"]), kwargs["emb"])
+            if any(t.dtype != hidden_states.dtype for t in modulation):
+                reason = "the modulation's dtype differs from the residual stream's"
         if reason is not None:
             if not self._fallback_logged:
-                log.debug("lean layers: running upstream's layer (%s)", reason)
+                log.info("lean layers: running upstream's layer (%s)", reason)
                 self._fallback_logged = True
             return self._original(hidden_states, mask, *args, **kwargs)
         layer_id = int(kwargs["layer_id"])
-        modulation = self._modulation(layer_id, kwargs["emb"])
-        if any(t.dtype != hidden_states.dtype for t in modulation):
-            # Upstream would promote the residual stream; keep its exact path.
-            return self._original(hidden_states, mask, *args, **kwargs)
         if not hidden_states.is_contiguous():
             hidden_states = hidden_states.contiguous()
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
@@ -299,24 +305,25 @@ class LeanLayers:
 
         mixin = self.mixin
         attention = layer.attention
+        norms = (None, None, None)
         if mixin.qk_ln:
-            query_norm = mixin.query_layernorm_list[layer_id]
-            key_norm = mixin.key_layernorm_list[layer_id]
-        buffers = None
+            norms = (mixin.query_layernorm_list[layer_id], mixin.key_layernorm_list[layer_id], None)
+        buffers = [None, None, None]
         batch, tokens = hidden_states.shape[:2]
         for start, stop in spans:
             x = _modulate(layer.input_layernorm(hidden_states[:, start:stop]), shift, one_plus_scale)
             mixed = attention.query_key_value(x)
             del x
-            parts = list(split_tensor_along_last_dim(mixed, attention.stride))
-            if mixin.qk_ln:
-                parts[0] = query_norm(parts[0])
-                parts[1] = key_norm(parts[1])
-            if buffers is None:
-                buffers = [torch.empty((batch, tokens, p.shape[-1]), dtype=p.dtype, device=p.device) for p in parts]
-            for buffer, part in zip(buffers, parts):
-                buffer[:, start:stop].copy_(part)
-            del mixed, parts
+            for i, part in enumerate(split_tensor_along_last_dim(mixed, attention.stride)):
+                if norms[i] is not None:
+                    part = norms[i](part)
+                if buffers[i] is None:
+                    buffers[i] = torch.empty((batch, tokens, part.shape[-1]), dtype=part.dtype, device=part.device)
+                # Stored before the next norm runs: one norm's float32
+                # temporaries at a time beside the projection.
+                buffers[i][:, start:stop].copy_(part)
+                del part
+            del mixed  # before the next chunk's projection is made
         query, key, value = (attention._transpose_for_scores(b) for b in buffers)
         del buffers
         dropout = attention.attention_dropout if attention.training else None

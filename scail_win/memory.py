@@ -11,19 +11,22 @@ decode.  :func:`plan_memory` decides, in order of cost:
   groups on the GPU at a time; ``prefetch`` drops to 0 only as a last
   resort, which costs the copy/compute overlap, a few percent on consumer
   cards).
-* DiT activations: first chunk the FFN and the per-token work around
-  attention (qk-norm, RoPE) over tokens, then run the two CFG halves one
-  after the other (``cfg_split``), which halves every activation.
+* DiT activations: first run every per-token stage of each layer in token
+  chunks (:mod:`scail_win.lean_layer`: projections, qk-norms, cross-attention
+  and FFN a chunk at a time, RoPE and residual adds in place), then run the
+  two CFG halves one after the other (``cfg_split``), which halves every
+  activation.
 * umT5 on the GPU, block-swapped, or on the CPU; CLIP on the GPU; the VAE
   on the GPU, tiled (sizes from :mod:`scail_win.vae_tiling`'s fitted
   estimate) when a whole frame does not fit.
 
 Activation sizes are modelled in "widths": one (tokens x hidden) tensor in
 the activation dtype, which at 512x896x81 (48,832 tokens per sample, hidden
-5120, bf16) is 0.47 GiB.  :class:`ActivationModel` holds how many widths are
-live at a layer's peak; its defaults are estimates for our DiT path
-(SDPA attention, fused RoPE) and should be calibrated against a measured
-peak.  T5/CLIP costs come from measured peaks (see ``scail_specs``).
+5120, bf16) is 0.47 GiB.  How many widths are live at a lean layer's peak
+comes from :func:`scail_win.lean_layer.lean_activation_widths` (derived
+from its buffers, checked against measured peaks), times ``ACT_SAFETY``,
+plus attention's log-sum-exp and the PyTorch RoPE path's working set.
+T5/CLIP costs come from measured peaks (see ``scail_specs``).
 
 Phase names follow the engine's: ``text``, ``clip``, ``vae_encode``,
 ``denoise``, ``vae_decode``.
@@ -50,7 +53,8 @@ log = logging.getLogger(__name__)
 GiB = 1 << 30
 
 # Token chunk sizes tried, largest first (None = no chunking).
-_CHUNKS = (None, 65536, 32768, 16384, 8192, 4096, 2048, 1024)
+# Below ~7,000 tokens a lean layer's peak no longer shrinks (attention's q/k/v).
+_CHUNKS = (None, 32768, 16384, 8192, 4096)
 
 
 def default_budget_bytes(total_vram_bytes: int) -> int:
@@ -61,22 +65,11 @@ def default_budget_bytes(total_vram_bytes: int) -> int:
     return int(total_vram_bytes - GiB - total_vram_bytes / 8)
 
 
-@dataclass(frozen=True)
-class ActivationModel:
-    """Widths live at a DiT layer's peak (see the module docstring).
-
-    attention peak = persistent + attention + token_ops * f(rope chunk)
-    FFN peak       = persistent + ffn_io + ffn_inner * (ffn / hidden) * f(ffn chunk)
-    where f(c) = c / tokens (1 when unchunked); the larger peak times
-    ``safety`` is the layer's activation memory.
-    """
-
-    persistent: float = 2.0  # residual stream + the sub-block's normalised input
-    attention: float = 5.0  # q, k, v, attention output, output projection
-    token_ops: float = 3.0  # qkv projection and qk-norm/RoPE temporaries
-    ffn_io: float = 2.0  # FFN input and output
-    ffn_inner: float = 2.0  # inner activation and its nonlinearity (ffn wide)
-    safety: float = 1.1
+# Margin over the lean layer's counted buffers (allocator rounding, small
+# temporaries such as the modulation vectors).
+ACT_SAFETY = 1.1
+# The PyTorch RoPE path's working set (scail_win.rotary's chunking).
+ROPE_WORKSPACE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -94,7 +87,6 @@ class DiTSpec:
     context_tokens: int = 512 + 257  # text + CLIP image tokens
     act_bytes: int = 2
     group_host_bytes: int | None = None  # one group in host memory (fp8: half); default group_bytes
-    activations: ActivationModel = field(default_factory=ActivationModel)
     label: str = ""  # e.g. "512x896, 81 frames", for messages
 
 
@@ -127,8 +119,8 @@ class MemoryPlan:
     prefetch: int
     offload_mode: str  # 'none' | 'pinned' | 'stream'
     cfg_split: bool
-    ffn_chunk_tokens: int | None
-    rope_chunk_tokens: int | None
+    layer_chunk_tokens: int | None  # lean layers' token chunk; None: whole sequence
+    lean_layers: bool  # lean layer forward (in-place residual, chunked per-token stages)
     t5_placement: str  # 'gpu' | 'swap' | 'cpu'
     clip_placement: str  # 'gpu' | 'cpu'
     vae_encode_tile_px: tuple[int, int] | None  # (height, width); None = whole frames
@@ -198,10 +190,8 @@ class MemoryPlan:
         cuts = []
         if self.cfg_split:
             cuts.append("CFG halves one after the other")
-        if self.ffn_chunk_tokens:
-            cuts.append(f"FFN in chunks of {self.ffn_chunk_tokens} tokens")
-        if self.rope_chunk_tokens:
-            cuts.append(f"qk-norm/RoPE in chunks of {self.rope_chunk_tokens} tokens")
+        if self.layer_chunk_tokens:
+            cuts.append(f"per-token work in chunks of {self.layer_chunk_tokens} tokens")
         if cuts:
             dit += "; " + "; ".join(cuts)
         rows += [("denoise", "DiT", dit), ("vae_decode", "VAE decode", vae(self.vae_decode_tile_px))]
@@ -292,18 +282,26 @@ def scail_specs(
 # ------------------------------------------------------------------- estimates
 
 
-def _fraction(chunk: int | None, tokens: int) -> float:
-    return 1.0 if chunk is None else min(1.0, chunk / tokens)
+def dit_activation_bytes(spec: DiTSpec, batch: int, chunk: int | None) -> int:
+    """Peak activation bytes of one lean DiT layer call with ``batch`` samples."""
+    from scail_win.lean_layer import lean_activation_widths
 
-
-def dit_activation_bytes(spec: DiTSpec, batch: int, ffn_chunk: int | None, rope_chunk: int | None) -> int:
-    """Peak activation bytes of one DiT layer call with ``batch`` samples."""
-    a = spec.activations
     n = spec.tokens_per_sample
-    width = batch * n * spec.hidden * spec.act_bytes
-    attn = a.persistent + a.attention + a.token_ops * _fraction(rope_chunk, n)
-    mlp = a.persistent + a.ffn_io + a.ffn_inner * (spec.ffn / spec.hidden) * _fraction(ffn_chunk, n)
-    return int(width * max(attn, mlp) * a.safety)
+    widths = lean_activation_widths(chunk, n, spec.hidden, spec.ffn, batch)
+    width = n * spec.hidden * spec.act_bytes
+    lse = batch * (spec.hidden // spec.head_dim) * n * 4
+    return int(width * widths * ACT_SAFETY) + lse + ROPE_WORKSPACE
+
+
+# Measured (H200, 512x896x81, bf16): upstream's own layer forward peaks at
+# 5.84 GiB of activations for one sample, 12.5 widths.
+UPSTREAM_LAYER_WIDTHS = 12.5
+
+
+def upstream_layer_activation_bytes(spec: DiTSpec, batch: int) -> int:
+    """Peak activation bytes of upstream's (not lean) layer forward, from the measurement."""
+    width = spec.tokens_per_sample * spec.hidden * spec.act_bytes
+    return int(width * batch * UPSTREAM_LAYER_WIDTHS * ACT_SAFETY)
 
 
 def dit_fixed_bytes(spec: DiTSpec, blocks_on_gpu: int, prefetch: int, batch: int) -> int:
@@ -316,27 +314,14 @@ def dit_fixed_bytes(spec: DiTSpec, blocks_on_gpu: int, prefetch: int, batch: int
     return weights + rope + context
 
 
-def _largest_chunk(limit_widths: float, base: float, per_fraction: float, tokens: int):
-    """Largest chunk from _CHUNKS with base + per_fraction * f(chunk) <= limit; False if none."""
+def _fit_activations(spec: DiTSpec, room: int, batch: int):
+    """The largest lean chunk (None: unchunked) whose activations fit ``room`` bytes; False if none."""
     for chunk in _CHUNKS:
-        if chunk is not None and chunk >= tokens:
+        if chunk is not None and chunk >= spec.tokens_per_sample:
             continue
-        if base + per_fraction * _fraction(chunk, tokens) <= limit_widths:
+        if dit_activation_bytes(spec, batch, chunk) <= room:
             return chunk
     return False
-
-
-def _fit_activations(spec: DiTSpec, room: int, batch: int):
-    """(ffn_chunk, rope_chunk) for activations within ``room`` bytes, or None."""
-    a = spec.activations
-    n = spec.tokens_per_sample
-    width = batch * n * spec.hidden * spec.act_bytes
-    limit = room / (width * a.safety)
-    rope = _largest_chunk(limit, a.persistent + a.attention, a.token_ops, n)
-    ffn = _largest_chunk(limit, a.persistent + a.ffn_io, a.ffn_inner * spec.ffn / spec.hidden, n)
-    if rope is False or ffn is False:
-        return None
-    return ffn, rope
 
 
 def _dit_configs(prefetch: int):
@@ -419,20 +404,20 @@ def plan_memory(
 
     # DiT.
     batch = dit.cfg_batch
-    full = dit_fixed_bytes(dit, layers, 0, batch) + dit_activation_bytes(dit, batch, None, None)
+    full = dit_fixed_bytes(dit, layers, 0, batch) + upstream_layer_activation_bytes(dit, batch)
+    lean = True
     if blocks_on_gpu is None and full <= budget:
-        choice = (layers, prefetch, False, None, None)
+        choice, lean = (layers, prefetch, False, None), False
     else:
         if budget_gb is not None:
             what = f"--vram-budget {budget_gb:g} GiB"
         else:
             what = f"the {budget / GiB:.1f} GiB budget of this {total_vram_bytes / GiB:.1f} GiB GPU"
         choice = _plan_dit(dit, budget, prefetch, blocks_on_gpu, what)
-    blocks, pf, split, ffn_chunk, rope_chunk = choice
+    blocks, pf, split, chunk = choice
     batch = 1 if split else dit.cfg_batch
-    peaks["denoise"] = dit_fixed_bytes(dit, blocks, pf, batch) + dit_activation_bytes(
-        dit, batch, ffn_chunk, rope_chunk
-    )
+    act = dit_activation_bytes(dit, batch, chunk) if lean else upstream_layer_activation_bytes(dit, batch)
+    peaks["denoise"] = dit_fixed_bytes(dit, blocks, pf, batch) + act
     if peaks["denoise"] > budget:
         log.warning(
             "--blocks-on-gpu %d: the DiT is estimated at %.1f GiB, over the %.1f GiB budget",
@@ -455,7 +440,7 @@ def plan_memory(
     return MemoryPlan(
         budget_bytes=budget, total_vram_bytes=total_vram_bytes, num_layers=layers,
         blocks_on_gpu=blocks, prefetch=pf if blocks < layers else 0, offload_mode=mode,
-        cfg_split=split and dit.cfg_batch > 1, ffn_chunk_tokens=ffn_chunk, rope_chunk_tokens=rope_chunk,
+        cfg_split=split and dit.cfg_batch > 1, layer_chunk_tokens=chunk, lean_layers=lean,
         t5_placement=t5_place, clip_placement=clip_place,
         vae_encode_tile_px=tiles.get("encode"), vae_decode_tile_px=tiles.get("decode"),
         peaks=peaks, resident_phases=resident, label=dit.label,
@@ -463,29 +448,27 @@ def plan_memory(
 
 
 def _plan_dit(dit: DiTSpec, budget: int, prefetch: int, forced_blocks: int | None, what: str):
-    """(blocks_on_gpu, prefetch, cfg_split, ffn_chunk, rope_chunk) for the DiT phase."""
+    """(blocks_on_gpu, prefetch, cfg_split, lean chunk) for the DiT phase, lean layers on."""
     layers = dit.num_layers
     first = forced_blocks if forced_blocks is not None else 0
     for pf, split in _dit_configs(prefetch):
         if split and dit.cfg_batch == 1:
             continue
         batch = 1 if split else dit.cfg_batch
-        chunks = _fit_activations(dit, budget - dit_fixed_bytes(dit, first, pf, batch), batch)
-        if chunks is None:
+        chunk = _fit_activations(dit, budget - dit_fixed_bytes(dit, first, pf, batch), batch)
+        if chunk is False:
             continue
-        ffn_chunk, rope_chunk = chunks
         if forced_blocks is not None:
-            return forced_blocks, pf, split, ffn_chunk, rope_chunk
-        act = dit_activation_bytes(dit, batch, ffn_chunk, rope_chunk)
+            return forced_blocks, pf, split, chunk
+        act = dit_activation_bytes(dit, batch, chunk)
         if dit_fixed_bytes(dit, layers, pf, batch) + act <= budget:
-            return layers, pf, split, ffn_chunk, rope_chunk
+            return layers, pf, split, chunk
         room = budget - act - dit_fixed_bytes(dit, 0, pf, batch)
         blocks = min(layers - 1, room // dit.group_bytes)
-        return int(blocks), pf, split, ffn_chunk, rope_chunk
+        return int(blocks), pf, split, chunk
     if forced_blocks is not None:
-        return forced_blocks, 0, dit.cfg_batch > 1, _CHUNKS[-1], _CHUNKS[-1]
-    smallest = _CHUNKS[-1]
-    need = dit_fixed_bytes(dit, 0, 0, 1) + dit_activation_bytes(dit, 1, smallest, smallest)
+        return forced_blocks, 0, dit.cfg_batch > 1, _CHUNKS[-1]
+    need = dit_fixed_bytes(dit, 0, 0, 1) + dit_activation_bytes(dit, 1, _CHUNKS[-1])
     size = f" for {dit.label}" if dit.label else ""
     raise UserError(
         f"{what} is too small{size}: the DiT needs at least {math.ceil(need / GiB * 10) / 10:.1f} GiB "
@@ -595,7 +578,7 @@ def split_batch_call(
 
 
 __all__ = [
-    "ActivationModel", "ComponentSpec", "DiTSpec", "GiB", "MemoryPlan", "VaeSpec",
-    "chunk_forward", "chunked_ffn", "default_budget_bytes", "dit_activation_bytes", "dit_fixed_bytes",
+    "ComponentSpec", "DiTSpec", "GiB", "MemoryPlan", "VaeSpec",
+    "chunk_forward", "chunked_ffn", "default_budget_bytes", "dit_activation_bytes", "dit_fixed_bytes", "upstream_layer_activation_bytes",
     "plan_memory", "scail_layer_params", "scail_specs", "scail_tokens_per_sample", "split_batch_call",
 ]

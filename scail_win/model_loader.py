@@ -220,39 +220,67 @@ class _SplitCFG:
         return torch.cat(outs, dim=0)
 
 
-def apply_memory_plan(engine, plan, device: torch.device, weight_source=None) -> None:
-    """Place the DiT per ``plan`` (resident, or block-swapped) and set chunking.
+class DiTPlacement:
+    """What :func:`place_dit` attached to a DiT; :meth:`undo` takes it off again."""
+
+    def __init__(self, lean=None, swap=None):
+        self.lean = lean
+        self.swap = swap
+
+    def undo(self) -> None:
+        # The swap wraps the lean layer_forward, so it comes off first.
+        if self.swap is not None:
+            self.swap.detach()
+            self.swap = None
+        if self.lean is not None:
+            self.lean.remove()
+            self.lean = None
+
+
+def place_dit(dit: nn.Module, plan, device: torch.device, weight_source=None) -> DiTPlacement:
+    """Lean layers and the block swap on ``dit`` as ``plan`` asks (nothing when it fits as is)."""
+    from . import offload
+
+    placement = DiTPlacement()
+    if plan is None:
+        return placement
+    if plan.lean_layers:
+        from .lean_layer import install_lean_layers
+        try:
+            placement.lean = install_lean_layers(dit, plan.layer_chunk_tokens)
+        except ValueError as exc:
+            log.warning("lean layers unavailable for this model (%s); memory use will exceed the plan", exc)
+    if plan.offload_mode != "none" and plan.blocks_on_gpu < plan.num_layers:
+        kwargs = {}
+        if weight_source is not None:
+            kwargs = dict(source=weight_source, materialize=weight_source.materialize)
+        placement.swap = offload.BlockSwap(dit, offload.scail_layer_groups(dit), device,
+                                           resident_groups=plan.blocks_on_gpu, mode=plan.offload_mode,
+                                           prefetch=plan.prefetch, **kwargs)
+        placement.swap.attach()
+    return placement
+
+
+def apply_memory_plan(engine, plan, device: torch.device, weight_source=None) -> DiTPlacement:
+    """Place the engine's DiT per ``plan``: resident or block-swapped, lean layers, split CFG.
 
     ``weight_source`` (a :class:`scail_win.weights.CheckpointWeights`) feeds
     the block swap straight from the checkpoint file (fp8 stays fp8 until the
     GPU). Without a plan the whole DiT moves to ``device``.
     """
-    from . import memory, offload
-
-    dit = engine.model.diffusion_model
     engine.set_memory_plan(plan, device)
-    if plan is None or plan.offload_mode == "none" or plan.blocks_on_gpu >= plan.num_layers:
-        # A DiT that must leave the GPU for the other phases comes in with
-        # its own phase; one that stays moves now.
-        if plan is None or "denoise" in plan.resident_phases:
-            engine.model.to(device)
-    else:
-        kwargs = {}
-        if weight_source is not None:
-            kwargs = dict(source=weight_source, materialize=weight_source.materialize)
-        swap = offload.BlockSwap(dit, offload.scail_layer_groups(dit), device,
-                                 resident_groups=plan.blocks_on_gpu, mode=plan.offload_mode,
-                                 prefetch=plan.prefetch, **kwargs)
-        swap.attach()
-        engine._block_swap = swap
-    if plan is not None and plan.ffn_chunk_tokens:
-        for layer in dit.transformer.layers:
-            memory.chunk_forward(layer.mlp, plan.ffn_chunk_tokens)
+    placement = place_dit(engine.model.diffusion_model, plan, device, weight_source)
+    engine._block_swap = placement.swap
+    # A DiT that must leave the GPU for the other phases comes in with its
+    # own phase; one that stays moves now.
+    if placement.swap is None and (plan is None or "denoise" in plan.resident_phases):
+        engine.model.to(device)
     if plan is not None and plan.cfg_split:
         engine.model.forward = _SplitCFG(engine.model)
     if plan is not None:
         for line in plan.describe().splitlines():
             log.info("%s", line)
+    return placement
 
 
 # -- the whole build ------------------------------------------------------------------------

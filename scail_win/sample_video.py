@@ -234,13 +234,19 @@ def denoise(model, cond: Conditioning, args, state_file: Optional[Path], job_fin
     return samples
 
 
-def decode_and_write(model, samples, output_path: Path, fps: float) -> Path:
+def decode(model, samples):
+    """Denoised latents (B T C H W) -> video (B C T H W, float32 in [-1, 1])."""
     import torch
-    from . import video_io
 
     samples = samples.permute(0, 2, 1, 3, 4).contiguous()                 # B C T H W
     with model.phase("vae"):
-        video = model.decode_first_stage(samples).to(torch.float32)
+        return model.decode_first_stage(samples).to(torch.float32)
+
+
+def decode_and_write(model, samples, output_path: Path, fps: float) -> Path:
+    from . import video_io
+
+    video = decode(model, samples)
     frames = video_io.to_uint8_frames(video[0].permute(1, 0, 2, 3))         # T H W C
     return video_io.write_video(frames, output_path, fps)
 

@@ -132,7 +132,7 @@ def __getattr__(name):
 # -- random weights ------------------------------------------------------------------------------
 
 
-def _randomize_(module, device, seed: int, dtype) -> None:
+def randomize_(module, device, seed: int, dtype) -> None:
     """Give every parameter of ``module`` seeded random values on ``device``, in place.
 
     Matrices get N(0, 1/fan_in) so activations keep their scale through the
@@ -225,7 +225,7 @@ def _dit_state_dict(config, device, seed: int):
         num_multi_query_heads=0, distributed_backend="gloo", deepspeed=False))
     dit = build_dit(config.model.network_config, dtype_str="fp32", use_i2v_clip=True, rope_mode="fp32",
                     empty_weights=True)
-    _randomize_(dit, device, seed, torch.float32)
+    randomize_(dit, device, seed, torch.float32)
     return {f"model.diffusion_model.{k}": v for k, v in dit.state_dict().items()}
 
 
@@ -387,7 +387,7 @@ def make_smoke_setup(root: PathLike, *, height: int = SMOKE_SIZE[0], width: int 
              torch.float16),
             (_vae, "Wan2.1_VAE.pth", torch.float32)), start=1):
         component = build()
-        _randomize_(component, device, seed + index, dtype)
+        randomize_(component, device, seed + index, dtype)
         _save(_on_cpu(component.state_dict(), dtype), weights / name)
         del component
     (root / _STAMP).write_text(json.dumps(stamp), encoding="utf-8")

@@ -8,7 +8,7 @@ assert on it:
     python tests/pipeline_worker.py SCAIL_ROOT SETUP_DIR OUT_DIR
 
 writes OUT_DIR/report.json and OUT_DIR/latents.safetensors. SETUP_DIR gets
-the smoke setup (32x64, 5 frames) first, so that other processes can use it
+the smoke setup (32x32, 5 frames) first, so that other processes can use it
 once SETUP_DIR/smoke.json exists.
 """
 from __future__ import annotations
@@ -139,12 +139,17 @@ def main(scail_root: Path, setup_dir: Path, out: Path) -> None:
     del engine
 
     # The embedding cache: a second engine gets the embeddings without building T5.
+    rng = torch.get_rng_state()
     fresh = sample_video.build_model(args)
     records.take()
     c, uc = sample_video.text_conditioning(fresh, smoke.SMOKE_PROMPT, cache)
     report["cache_log"] = records.take()
     report["cache_built"] = sorted(fresh._lazy)
     tensors["cached_c"], tensors["first_c"] = c["crossattn"], cond.c["crossattn"]
+    # Building (eagerly or lazily) must not move the RNG the initial noise comes from.
+    for name in ("conditioner", "i2v_clip", "first_stage_model"):
+        getattr(fresh, name)
+    report["rng_untouched_by_building"] = torch.equal(rng, torch.get_rng_state())
     del fresh
 
     # A batch whose first pose video turns unreadable after validation.

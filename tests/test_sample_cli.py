@@ -414,6 +414,8 @@ def test_upstream_configs_give_upstream_limits():
         pytest.skip("SCAIL_ROOT is not set")
     paths = [Path(root) / "configs/video_model/Wan2.1-i2v-14Bsc-pose-xc-latent.yaml",
              Path(root) / "configs/sampling/wan_pose_14Bsc_xc_cli.yaml"]
-    config = sample.load_config(paths)
+    from scail_win.arguments import load_config
+
+    config = load_config(paths)
     assert jobs.config_resolution(config) == (512, 896)
     assert jobs.ModelLimits.from_config(config) == jobs.ModelLimits()
