@@ -185,7 +185,8 @@ def stage_files(args, cfg, res, dit, inputs):
         gc.collect()
 
     run("bf16 resident", files["bf16"], "resident")
-    run(f"bf16 pinned {args.card:g}GiB", files["bf16"], "pinned")
+    if "pinned" in args.stages:
+        run(f"bf16 pinned {args.card:g}GiB", files["bf16"], "pinned")
     run(f"bf16 stream {args.card:g}GiB", files["bf16"], "stream")
     run(f"fp8 stream {args.card:g}GiB", files["fp8"], "stream")
     bd.table("From safetensors files: build + mmap load + first step", (

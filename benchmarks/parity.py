@@ -177,8 +177,6 @@ def upstream_run(opts, config, job, inputs, device):
         out["latents"] = engine.sample(c, uc=uc, batch_size=1, shape=shape, ofs=torch.tensor([2.0]).to(device),
                                        fps=torch.tensor([args.sampling_fps]).to(device))
         out["video"] = engine.decode_first_stage(out["latents"].permute(0, 2, 1, 3, 4).contiguous()).float()
-    del engine
-    free(device)
     return {k: v.float().cpu() for k, v in out.items()}, rng_before_sampling
 
 
@@ -196,8 +194,6 @@ def scail_win_run(opts, config, job, rope_mode, device):
     torch.manual_seed(opts.seed)
     out["latents"] = sample_video.denoise(model, cond, args, None, "", 0, False)
     out["video"] = sample_video.decode(model, out["latents"])
-    del model, cond
-    free(device)
     return {k: v.float().cpu() for k, v in out.items()}, rng_before_sampling
 
 
@@ -227,6 +223,7 @@ def stage_pipeline(opts, work, res):
         t0 = time.perf_counter()
         runs[name], rng[name] = run()
         seconds[name] = time.perf_counter() - t0
+        free(device)  # the run's engine is gone with its function
     ref = runs["upstream"]
     # Without the reseed, each run's noise comes from the RNG as its build left it.
     res["same_noise_without_reseed"] = bool(rng["upstream"].equal(rng["scail-win exact rope"]))

@@ -361,6 +361,7 @@ def run_smoke(opts: argparse.Namespace, jobs: Sequence[Job]) -> int:
     without jobs, a generated example does. Prints each video written.
     """
     import copy
+    import gc
     import tempfile
 
     import torch
@@ -369,7 +370,8 @@ def run_smoke(opts: argparse.Namespace, jobs: Sequence[Job]) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     height, width = opts.resolution
-    with tempfile.TemporaryDirectory(prefix="scail-win-smoke-") as tmp:
+    # ignore_cleanup_errors: Windows cannot delete a file that is still mapped.
+    with tempfile.TemporaryDirectory(prefix="scail-win-smoke-", ignore_cleanup_errors=True) as tmp:
         setup = smoke.make_smoke_setup(Path(tmp), height=height, width=width, frames=opts.max_frames,
                                        device=device)
         if not jobs:
@@ -386,6 +388,9 @@ def run_smoke(opts: argparse.Namespace, jobs: Sequence[Job]) -> int:
             results = _run_cli_jobs(run_opts, jobs)
         finally:
             weights_log.setLevel(level)
+            # The model maps the weight files; sat's modules hold reference
+            # cycles, so only the collector releases them before the clean-up.
+            gc.collect()
     for result in results:
         if result.output is not None:
             print(f"smoke test: wrote {result.output}")

@@ -136,8 +136,8 @@ def randomize_(module, device, seed: int, dtype) -> None:
     """Give every parameter of ``module`` seeded random values on ``device``, in place.
 
     Matrices get N(0, 1/fan_in) so activations keep their scale through the
-    layers; per-channel scales (norm weights) 1 + N(0, 0.01) and biases
-    N(0, 0.01): no zero-initialised output layer, so every weight matters.
+    layers; per-channel scales (norm weights) 1 + N(0, 0.1^2) and biases
+    N(0, 0.1^2): no zero-initialised output layer, so every weight matters.
     """
     import torch
 
@@ -329,8 +329,7 @@ def _write_config(path: Path, weights: Path, cache: Path, *, height: int, width:
 
 
 def make_smoke_setup(root: PathLike, *, height: int = SMOKE_SIZE[0], width: int = SMOKE_SIZE[1],
-                     frames: int = SMOKE_FRAMES,
-                     device=None, seed: int = 0, bf16: Optional[bool] = None,
+                     frames: int = SMOKE_FRAMES, device=None, seed: int = 0, bf16: Optional[bool] = None,
                      full_encoders: bool = False) -> SmokeSetup:
     """Write a tiny SCAIL under ``root`` (see the module docstring); returns its paths.
 
@@ -344,7 +343,6 @@ def make_smoke_setup(root: PathLike, *, height: int = SMOKE_SIZE[0], width: int 
     random weights) instead of the tiny stand-ins.
     """
     import torch
-    from omegaconf import OmegaConf
 
     from . import arguments
     from .model_loader import require_scail_code
@@ -381,14 +379,16 @@ def make_smoke_setup(root: PathLike, *, height: int = SMOKE_SIZE[0], width: int 
     module = _on_cpu(_dit_state_dict(config, device, seed), torch.bfloat16)
     _save({"module": module, "iteration": 1}, weights / "model" / "1" / "mp_rank_00_model_states.pt")
     (weights / "model" / "latest").write_text("1", encoding="utf-8")
-    for index, (build, name, dtype) in enumerate((
-            (lambda: _t5_encoder(full_encoders), "umt5-xxl/models_t5_umt5-xxl-enc-bf16.pth", torch.bfloat16),
-            (lambda: _clip_model(full_encoders), "models_clip_open-clip-xlm-roberta-large-vit-huge-14-onlyvisual.pth",
-             torch.float16),
-            (_vae, "Wan2.1_VAE.pth", torch.float32)), start=1):
+    components = [
+        (functools.partial(_t5_encoder, full_encoders), "umt5-xxl/models_t5_umt5-xxl-enc-bf16.pth", torch.bfloat16),
+        (functools.partial(_clip_model, full_encoders),
+         "models_clip_open-clip-xlm-roberta-large-vit-huge-14-onlyvisual.pth", torch.float16),
+        (_vae, "Wan2.1_VAE.pth", torch.float32),
+    ]
+    for index, (build, name, dtype) in enumerate(components, start=1):
         component = build()
         randomize_(component, device, seed + index, dtype)
         _save(_on_cpu(component.state_dict(), dtype), weights / name)
-        del component
+        del component  # the full-size T5 is 11 GB
     (root / _STAMP).write_text(json.dumps(stamp), encoding="utf-8")
     return setup
