@@ -26,9 +26,11 @@ def single_process_attention(query_layer, key_layer, value_layer, attention_mask
     if log_attention_weights is not None or not scaling_attention_score:
         raise ValueError("single-process attention supports plain scaled attention only")
     if attention_mask is not None and attention_mask.device.type == "cpu" \
-            and not bool((attention_mask > 0).all()):
-        # The DiT's masks are all-ones CPU tensors, so this check costs no
-        # device sync; anything else would need sat's masked path.
+            and not bool((attention_mask.float() > 0).all()):
+        # The DiT's masks are all-ones CPU tensors (sat casts them to its
+        # first parameter's dtype: fp8 when that layer is stored in fp8), so
+        # this check costs no device sync; anything else would need sat's
+        # masked path.
         raise ValueError("single-process attention got a partial attention mask")
     dropout_p = 0.0
     if attention_dropout is not None and attention_dropout.training:
