@@ -505,6 +505,10 @@ class BlockSwap:
         for gi, group in enumerate(self.groups):
             done = set()
             for module in group.modules:
+                # The group's root modules too: their forward may read a
+                # child's weight (its device, say) before calling the child.
+                if hooked.get(id(module)) in (None, {gi}):
+                    hooked[id(module)] = {gi}
                 for m in module.modules():
                     # A module reached from two groups (e.g. one activation
                     # shared by all layers) must not trigger either.

@@ -216,6 +216,30 @@ def test_plain_model_uses_module_hooks():
         assert torch.equal(model(x), expected)
 
 
+class ReadsChildFirst(nn.Module):
+    """Like umT5's relative position embedding: reads a child's weight before calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_group_is_loaded_before_its_root_module_runs():
+    blocks = nn.ModuleList([ReadsChildFirst() for _ in range(3)])
+    model = nn.Sequential(*blocks)
+    groups = groups_from_modulelists(model, [blocks])
+    x = torch.randn(2, D)
+    with BlockSwap(model, groups, "cpu", source=Doubled(), materialize=halve) as swap, torch.no_grad():
+        entered = []
+        for gi, block in enumerate(blocks):
+            block.register_forward_pre_hook(lambda m, a, gi=gi: entered.append(swap.is_loaded(gi)))
+        model(x)
+    assert entered == [True, True, True]
+
+
 def test_sequential_stack_with_the_gpu_test_layout():
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D)) for _ in range(4)])
