@@ -472,7 +472,11 @@ def stage_phases(args, res):
     random_weights_(clip, dev)
     clip = clip.half()
     image = torch.randn(1, 3, 224, 224, device=dev, dtype=torch.float16)
-    measure("clip", lambda m=clip: m.visual(image, use_31_block=True))
+    def clip_visual(m=clip):
+        with torch.autocast("cuda", dtype=torch.float16):  # as CLIPModel.visual runs it
+            return m.visual(image, use_31_block=True)
+
+    measure("clip", clip_visual)
     del clip
 
     # Wan VAE: encode the 81-frame i2v clip and decode 21 latent frames, tiled per the plan.

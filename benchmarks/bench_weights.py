@@ -117,6 +117,9 @@ def stage_files(args, cfg, res, dit, inputs):
     x, s, c, uc, _ = inputs
     with torch.no_grad():
         ref = bd.Step(cfg, dit).cfg(x, s, c, uc).float().cpu()
+    # The capped runs below must not find this model's 30 GiB still on the GPU.
+    for p in dit.parameters():
+        p.data = torch.empty(0, dtype=p.dtype)
     del dit
     gc.collect()
     torch.cuda.empty_cache()
