@@ -253,7 +253,7 @@ def add_scail_win_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="3D RoPE arithmetic: fp32 rounds once (more accurate), exact reproduces "
                             "upstream's bf16 rounding bit for bit (default: fp32)")
     group.add_argument("--embed-cache", type=_optional_dir, default=None, metavar="DIR",
-                       help="folder for cached text embeddings (default: scail-win's cache folder)")
+                       help="folder for cached text embeddings, or 'off' (default: scail-win's cache folder)")
     group.add_argument("--offload", type=_SCAIL_WIN_TYPES["offload"], default="auto", metavar="{auto,none}",
                        help="auto: place weights on GPU/CPU from the budgets, all resident when they fit; "
                             "none: keep components where upstream puts them (default: auto)")

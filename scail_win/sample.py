@@ -159,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--t5-cpu", action="store_true", help="run the text encoder on the CPU")
     memory.add_argument("--vae-tiling", choices=("on", "off", "auto"), default="auto",
                         help="decode and encode video in tiles to save GPU memory")
+    memory.add_argument("--offload", choices=("auto", "none"), default="auto",
+                        help="auto: plan GPU/CPU placement from the budgets; none: keep every component "
+                             "where upstream puts it")
+    speed = parser.add_argument_group("speed and caching")
+    speed.add_argument("--rope-mode", choices=("fp32", "exact"), default="fp32",
+                       help="3D RoPE arithmetic: fp32 rounds once; exact reproduces upstream's bf16 "
+                            "rounding bit for bit")
+    speed.add_argument("--embed-cache", metavar="DIR",
+                       help="folder for cached text embeddings ('off' disables the cache; "
+                            "default: scail-win's per-user cache folder)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--smoke", action="store_true",
