@@ -186,6 +186,7 @@ class SATVideoDiffusionEngine(nn.Module):
         self.compute_device = self.device
         self.memory_plan = None
         self._block_swap = None
+        self.current_phase: Optional[str] = None
 
         with _global_rng_untouched():
             network = build_dit(model_config["network_config"], dtype_str=self.dtype_str,
@@ -355,9 +356,11 @@ class SATVideoDiffusionEngine(nn.Module):
             keep = name in ("denoise", "vae")
         else:
             keep = name in self.memory_plan.resident_phases
+        self.current_phase = name  # named in an out-of-memory message
         self._move_component(name, device)
         try:
             yield device
+            self.current_phase = None
         finally:
             if not keep:
                 self._move_component(name, torch.device("cpu"))

@@ -125,30 +125,11 @@ def _component_files(model_config, layout) -> Dict[str, Path]:
 
 
 def _host_ram_bytes() -> Optional[int]:
-    """Available host RAM (Linux /proc/meminfo, Windows GlobalMemoryStatusEx)."""
-    if os.name == "nt":
-        import ctypes
+    """Available host RAM in bytes, or None when the platform does not say."""
+    from .host_memory import memory_info
 
-        class MemoryStatus(ctypes.Structure):
-            _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
-                        ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
-                        ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
-                        ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
-                        ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
-
-        status = MemoryStatus()
-        status.dwLength = ctypes.sizeof(MemoryStatus)
-        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
-            return int(status.ullAvailPhys)
-        return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    info = memory_info()
+    return info.get("ram_available") if info else None
 
 
 def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: int = 2):

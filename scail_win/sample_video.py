@@ -297,12 +297,23 @@ def run_batch(model, jobs: Iterable[Job], args, embed_cache=None) -> List[JobRes
     return results
 
 
+PHASE_NAMES = {"text": "text encoding", "clip": "image encoding", "vae": "VAE encode/decode",
+               "denoise": "denoising"}
+PHASE_HINTS = {"text": ["--t5-cpu"], "clip": [], "vae": ["--vae-tiling on"],
+               "denoise": ["--blocks-on-gpu 0"]}
+
+
 def out_of_memory_message(model, args) -> str:
+    """What ran out, and the settings that would need less GPU memory."""
+    phase = getattr(model, "current_phase", None)
     plan = getattr(model, "memory_plan", None)
     budget = getattr(plan, "budget_gb", None)
-    hint = [f"a smaller --vram-budget (now {budget:.1f} GB)" if budget else "--vram-budget with a smaller value",
-            "--vae-tiling on", "a smaller --resolution"]
-    return "out of GPU memory; try " + ", ".join(hint) + " (no output was written)"
+    hint = list(PHASE_HINTS.get(phase, []))
+    hint.append(f"--vram-budget {max(1.0, budget - 1.0):.0f} (now {budget:.1f})" if budget
+                else "--vram-budget with the GB your GPU has free")
+    hint += ["a smaller --resolution", "--max-frames 49"]
+    where = f" during {PHASE_NAMES.get(phase, phase)}" if phase else ""
+    return f"out of GPU memory{where}; try " + ", ".join(hint) + " (no output was written)"
 
 
 def summarize(results: Sequence[JobResult]) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scail_win import convert, doctor
+from scail_win import convert, doctor, host_memory
 from weights_fixtures import SAT_PT, T5_PTH, VAE_PTH, make_scail_folder, truncate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,12 +202,12 @@ def test_real_hook_status_is_rendered():
 
 
 def test_memory_disk_and_versions(monkeypatch, tmp_path):
-    info = doctor.parse_meminfo("MemTotal:       16318480 kB\nMemAvailable:    8000000 kB\nHugePages_Total: 0\n")
+    info = host_memory.parse_meminfo("MemTotal:       16318480 kB\nMemAvailable:    8000000 kB\nHugePages_Total: 0\n")
     assert info == {"MemTotal": 16318480 * 1024, "MemAvailable": 8000000 * 1024, "HugePages_Total": 0}
     if Path("/proc/meminfo").exists():
-        mem = doctor.memory_info()
+        mem = host_memory.memory_info()
         assert mem["ram_total"] > 0 and "swap_total" in mem
-    monkeypatch.setattr(doctor, "memory_info", lambda: {"ram_total": 8 * 2**30, "ram_available": 2**30,
+    monkeypatch.setattr(host_memory, "memory_info", lambda: {"ram_total": 8 * 2**30, "ram_available": 2**30,
                                                         "swap_total": 0, "swap_free": 0})
     ram, swap = doctor.check_memory()
     assert ram.status == "WARN" and "below 16 GB" in ram.detail and swap.status == "OK"
