@@ -68,8 +68,10 @@ def runs(tmp_path_factory):
     (tmp / "worker").mkdir()
     # One thread each: MKL adjusts its thread count to the machine's load, which
     # changes summation order; the comparisons below are bit for bit.
+    # ... and on the CPU even where a GPU exists: these comparisons are bit for
+    # bit across processes, which CUDA kernels do not promise.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(scail_root), str(REPO)]), PYTHONIOENCODING="utf-8",
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for name in ("SCAIL_WIN_DISABLE", "SCAIL_WEIGHTS", "SCAIL_WIN_CACHE"):
         env.pop(name, None)
     py = sys.executable
