@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 from .errors import UserError
+from .sample_video import DEFAULT_SAVE_EVERY
 from .jobs import (Job, ModelLimits, check_resolution, config_resolution, interactive_jobs,
                    read_input_file, resolve_max_frames, validate_job, validate_jobs)
 from .smoke import SMOKE_FRAMES, SMOKE_SIZE, SMOKE_STEPS
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", default="samples", metavar="DIR", help="where videos go")
-    output.add_argument("--save-every", type=_non_negative_int, default=0, metavar="N",
+    output.add_argument("--save-every", type=_non_negative_int, default=DEFAULT_SAVE_EVERY, metavar="N",
                         help="save the denoising state every N steps so --resume can continue (0: never)")
     output.add_argument("--resume", action="store_true",
                         help="continue each job from its saved denoising state, if it has one")

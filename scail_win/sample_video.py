@@ -24,6 +24,9 @@ from .jobs import (Job, ModelLimits, check_resolution, interactive_jobs, read_in
 log = logging.getLogger(__name__)
 
 NEGATIVE_PROMPT = ""
+# How often the denoising state is saved (steps): a state is ~10 MB at
+# 512x896x81, and 5 of 50 steps is a few minutes of work on an 8 GB card.
+DEFAULT_SAVE_EVERY = 5
 
 
 @dataclass
@@ -264,11 +267,14 @@ def run_one(model, job: Job, args, embed_cache=None) -> Path:
                                 steps=getattr(model.sampler, "num_steps", None),
                                 cfg=getattr(model.sampler.guider, "scale", None),
                                 shape=cond.shape, load=str(getattr(args, "load", "")))
-    samples = denoise(model, cond, args, state_file, fp, getattr(args, "save_every", 0) or 0,
+    samples = denoise(model, cond, args, state_file, fp, getattr(args, "save_every", DEFAULT_SAVE_EVERY) or 0,
                       getattr(args, "resume", False))
     del cond
     output = decode_and_write(model, samples, video_io.next_free_path(job.output_path), job.fps)
     resume_mod.remove_state(state_file)
+    # Upstream writes the prompt to text.txt (overwriting it each run); one
+    # file per video keeps every earlier one.
+    output.with_suffix(".txt").write_text(job.prompt, encoding="utf-8")
     return output
 
 
