@@ -30,9 +30,6 @@ T5/CLIP costs come from measured peaks (see ``scail_specs``).
 
 Phase names follow the engine's: ``text``, ``clip``, ``vae_encode``,
 ``denoise``, ``vae_decode``.
-
-The module also holds the two activation-cutting helpers the DiT uses:
-:func:`chunked_ffn` / :func:`chunk_forward` and :func:`split_batch_call`.
 """
 
 from __future__ import annotations
@@ -40,13 +37,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
 
 from scail_win.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -476,109 +468,8 @@ def _plan_dit(dit: DiTSpec, budget: int, prefetch: int, forced_blocks: int | Non
     )
 
 
-# ---------------------------------------------------------- activation helpers
-
-
-def chunked_ffn(mlp_fn: Callable, x: torch.Tensor, chunk_tokens: int | None, dim: int = 1) -> torch.Tensor:
-    """``mlp_fn(x)`` computed ``chunk_tokens`` tokens at a time along ``dim``.
-
-    For a per-token function (an FFN) this is the same computation; only the
-    inner activation shrinks from (tokens x ffn) to (chunk x ffn).  The
-    output is written into one preallocated tensor, so no concatenation
-    copy is made.
-    """
-    n = x.shape[dim]
-    if chunk_tokens is None or chunk_tokens >= n:
-        return mlp_fn(x)
-    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
-    out = None
-    for start in range(0, n, chunk_tokens):
-        length = min(chunk_tokens, n - start)
-        y = mlp_fn(x.narrow(dim, start, length))
-        if out is None:
-            shape = list(y.shape)
-            shape[dim] = n
-            out = y.new_empty(shape)
-        out.narrow(dim, start, length).copy_(y)
-    return out
-
-
-class _Restore:
-    """Handle returned by :func:`chunk_forward`; ``remove()`` undoes it."""
-
-    def __init__(self, module: nn.Module):
-        self._module = module
-
-    def remove(self) -> None:
-        self._module.__dict__.pop("forward", None)
-
-
-def chunk_forward(module: nn.Module, chunk_tokens: int | None, dim: int = 1) -> _Restore:
-    """Make ``module(x, **kw)`` run as ``chunked_ffn`` over its first argument.
-
-    For sat's MLP: ``chunk_forward(model.transformer.layers[i].mlp, n)`` for
-    every layer.  Only valid for per-token modules.  Sets an instance
-    attribute, so parameters, state dicts and hooks are untouched.
-    """
-    original = type(module).forward.__get__(module)
-
-    def forward(x, *args, **kwargs):
-        return chunked_ffn(lambda part: original(part, *args, **kwargs), x, chunk_tokens, dim)
-
-    module.forward = forward
-    return _Restore(module)
-
-
-def split_batch_call(
-    fn: Callable,
-    args: Sequence = (),
-    kwargs: dict | None = None,
-    *,
-    batch_size: int,
-    parts: int = 2,
-):
-    """Call ``fn`` on ``parts`` slices of the batch and concatenate the results.
-
-    Every tensor argument (positional or keyword, also inside lists/tuples)
-    whose first dimension equals ``batch_size`` is sliced; everything else
-    (scalars, tensors with another first dimension such as a batch-1
-    conditioning that ``fn`` broadcasts) is passed unchanged.  The result
-    (a tensor, or a list/tuple of tensors and other values) has its
-    batch-sized tensors concatenated along dim 0.  With CFG this runs the
-    cond and uncond halves one after the other.
-    """
-    import torch
-
-    kwargs = dict(kwargs or {})
-    if not isinstance(parts, int) or parts < 1 or batch_size % parts:
-        raise ValueError(f"cannot split a batch of {batch_size} into {parts} equal parts")
-    if parts == 1:
-        return fn(*args, **kwargs)
-    step = batch_size // parts
-
-    def take(value, i):
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
-            return value[i * step : (i + 1) * step]
-        if isinstance(value, (list, tuple)):
-            return type(value)(take(v, i) for v in value)
-        return value
-
-    results = [fn(*take(list(args), i), **{k: take(v, i) for k, v in kwargs.items()}) for i in range(parts)]
-
-    def join(values):
-        first = values[0]
-        if isinstance(first, torch.Tensor):
-            return torch.cat(values, dim=0) if first.dim() > 0 and first.shape[0] == step else first
-        if isinstance(first, (list, tuple)):
-            return type(first)(join(list(group)) for group in zip(*values))
-        return first
-
-    return join(results)
-
-
 __all__ = [
     "ComponentSpec", "DiTSpec", "GiB", "MemoryPlan", "VaeSpec",
-    "chunk_forward", "chunked_ffn", "default_budget_bytes", "dit_activation_bytes", "dit_fixed_bytes", "upstream_layer_activation_bytes",
-    "plan_memory", "scail_layer_params", "scail_specs", "scail_tokens_per_sample", "split_batch_call",
+    "default_budget_bytes", "dit_activation_bytes", "dit_fixed_bytes", "upstream_layer_activation_bytes",
+    "plan_memory", "scail_layer_params", "scail_specs", "scail_tokens_per_sample",
 ]

@@ -8,8 +8,6 @@ from scail_win.errors import UserError
 from scail_win.memory import (
     GiB,
     DiTSpec,
-    chunk_forward,
-    chunked_ffn,
     default_budget_bytes,
     dit_activation_bytes,
     dit_fixed_bytes,
@@ -17,7 +15,6 @@ from scail_win.memory import (
     scail_layer_params,
     scail_specs,
     scail_tokens_per_sample,
-    split_batch_call,
     upstream_layer_activation_bytes,
 )
 
@@ -196,73 +193,35 @@ def test_bad_arguments():
         plan_memory(dit, budget_gb=8, offload_mode="disk")
 
 
-# --- helpers --------------------------------------------------------------------
+# --- split CFG ------------------------------------------------------------------
 
 
-def integer_mlp(d=12, f=40, seed=0):
-    """Weights and biases are small integers, so every sum is exact in any order."""
-    g = torch.Generator().manual_seed(seed)
-    mlp = nn.Sequential(nn.Linear(d, f), nn.ReLU(), nn.Linear(f, d))
-    with torch.no_grad():
-        for p in mlp.parameters():
-            p.copy_(torch.randint(-3, 4, p.shape, generator=g).float())
-    return mlp
+class Wrapper(nn.Module):
+    """Shaped like sgm's OpenAIWrapper: forward(x, t, c, **kwargs); batch-1 entries broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t, c, **kwargs):
+        self.seen.append(x.shape[0])
+        ref = c["ref"].expand(x.shape[0], -1)
+        return x * t[:, None] + c["crossattn"].sum(1) + ref * kwargs["scale"] + kwargs["extra"]
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 100, 299, 300, 1000, None])
-def test_chunked_ffn_equals_unchunked_exactly(chunk):
-    mlp = integer_mlp()
-    x = torch.randint(-4, 5, (2, 300, 12), generator=torch.Generator().manual_seed(1)).float()
-    with torch.no_grad():
-        assert torch.equal(chunked_ffn(mlp, x, chunk), mlp(x))
-
-
-def test_chunked_ffn_random_weights_and_other_dim():
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(32, 96), nn.GELU(approximate="tanh"), nn.Linear(96, 32))
-    x = torch.randn(2, 517, 32)
-    with torch.no_grad():
-        # BLAS may pick another kernel for another row count: equal up to rounding.
-        torch.testing.assert_close(chunked_ffn(mlp, x, 128), mlp(x), rtol=1e-6, atol=1e-6)
-        xt = x.transpose(0, 1).contiguous()  # tokens first
-        torch.testing.assert_close(chunked_ffn(mlp, xt, 100, dim=0), mlp(xt), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError):
-        chunked_ffn(mlp, x, 0)
-
-
-def test_chunk_forward_patches_and_restores_a_module():
-    mlp = integer_mlp()
-    calls = []
-    mlp.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
-    x = torch.randint(-4, 5, (1, 50, 12)).float()
-    with torch.no_grad():
-        expected = mlp(x)
-        calls.clear()
-        handle = chunk_forward(mlp, 20)
-        assert torch.equal(mlp(x), expected)
-        handle.remove()
-        assert torch.equal(mlp(x), expected)
-    assert calls == [50, 50]  # hooks still run once per call, before chunking
-    assert "forward" not in mlp.__dict__
-
-
-def test_split_batch_call_runs_halves_and_concatenates():
-    seen = []
-
-    def model(x, t, *, context, ref, scale):
-        seen.append(x.shape[0])
-        ref = ref.expand(x.shape[0], -1)  # a batch-1 conditioning, broadcast inside
-        out = x * t[:, None] + context.sum(1) + ref * scale
-        return out, [out.sum(1), "tag"]
+def test_split_cfg_runs_the_halves_in_turn_with_the_same_result():
+    from scail_win.model_loader import _SplitCFG
 
     g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
-    context, ref = torch.randn(4, 5, 3, generator=g), torch.randn(1, 3, generator=g)
-    kwargs = dict(context=context, ref=ref, scale=2.0)
-    full = model(x, t, **kwargs)
-    seen.clear()
-    split = split_batch_call(model, (x, t), kwargs, batch_size=4, parts=2)
-    assert seen == [2, 2]
-    assert torch.equal(split[0], full[0]) and torch.equal(split[1][0], full[1][0]) and split[1][1] == "tag"
-    with pytest.raises(ValueError):
-        split_batch_call(model, (x, t), kwargs, batch_size=4, parts=3)
+    x, t = torch.randn(2, 3, generator=g), torch.randn(2, generator=g)
+    c = {"crossattn": torch.randn(2, 5, 3, generator=g), "ref": torch.randn(1, 3, generator=g)}
+    extra = torch.randn(2, 3, generator=g)
+    net = Wrapper()
+    full = net(x, t, dict(c), scale=2.0, extra=extra)
+    net.forward = _SplitCFG(net)
+    net.seen.clear()
+    split = net(x, t, dict(c), scale=2.0, extra=extra)
+    assert net.seen == [1, 1] and torch.equal(split, full)
+    net.seen.clear()
+    net(x[:1], t[:1], {"crossattn": c["crossattn"][:1], "ref": c["ref"]}, scale=2.0, extra=extra[:1])
+    assert net.seen == [1]  # a batch of one is not split
