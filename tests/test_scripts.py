@@ -53,11 +53,18 @@ def test_launchers_forward_every_argument_to_their_command(command: str):
     bat, ps1 = (SCRIPTS / name for name in LAUNCHERS[command])
     bat_lines = [ln for ln in bat.read_text(encoding="ascii").splitlines() if "-m scail_win" in ln]
     assert bat_lines == [f'"%VENV%\\Scripts\\python.exe" -m scail_win {command} %*']
-    ps1_lines = [ln.strip() for ln in ps1.read_text(encoding="utf-8-sig").splitlines() if "-m scail_win" in ln]
-    assert ps1_lines == [f"& (Join-Path $Bin 'python.exe') -m scail_win {command} @args"]
+    ps1_text = ps1.read_text(encoding="utf-8-sig")
+    assert f"& (Join-Path $PSScriptRoot 'scail-win.ps1') {command} @args" in ps1_text
     # The exit status comes back to the caller.
     assert bat.read_text(encoding="ascii").rstrip().endswith("exit /b %ERRORLEVEL%")
-    assert "exit $Status" in ps1.read_text(encoding="utf-8-sig")
+    assert ps1_text.rstrip().endswith("exit $LASTEXITCODE")
+
+
+def test_the_powershell_launcher_forwards_everything_to_python_m_scail_win():
+    text = (SCRIPTS / "scail-win.ps1").read_text(encoding="utf-8-sig")
+    lines = [ln.strip() for ln in text.splitlines() if "-m scail_win" in ln and ln.lstrip().startswith("&")]
+    assert lines == ["& (Join-Path $Bin 'python.exe') -m scail_win @args"]
+    assert "exit $Status" in text
 
 
 @pytest.mark.parametrize("name", ["sample.bat", "doctor.bat"])
