@@ -46,6 +46,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_dit import table  # noqa: E402  (one table printer for the benchmarks)
+
 STAGES = ("pipeline", "dit")
 DIT_CONFIG_TOKENS = (512, 4096, 257, 1280)  # T5 tokens x width, CLIP tokens x width
 
@@ -99,14 +102,6 @@ def errors(reference, other):
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     diff = (a - b).abs()
     return float(diff.max()), float((a - b).norm() / max(float(a.norm()), 1e-30))
-
-
-def table(title, header, rows):
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
-    lines = [title, "  ".join(str(h).ljust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    print("\n".join(lines) + "\n", flush=True)
 
 
 def free(device):
