@@ -11,7 +11,6 @@ not query the CUDA device, so the DiT can be built on a machine without one.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 

@@ -72,11 +72,6 @@ def empty_weights() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def meta_parameter_names(module: nn.Module) -> list[str]:
-    """Names of parameters that were never given real storage."""
-    return [name for name, p in module.named_parameters() if p.device.type == "meta"]
-
-
 def materialize_(module: nn.Module, device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None) -> None:
     """Give every meta parameter real (uninitialised) storage on ``device``."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
@@ -162,15 +163,12 @@ def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: 
                               clip=clip_spec, vae=vae_spec, blocks_on_gpu=getattr(args, "blocks_on_gpu", None),
                               host_ram_bytes=host)
     if getattr(args, "t5_cpu", False):
-        from dataclasses import replace
         plan = replace(plan, t5_placement="cpu")
     tiling = getattr(args, "vae_tiling", "auto")
     if tiling == "off" and plan.vae_tiling:
-        from dataclasses import replace
         log.warning("--vae-tiling off: the VAE is estimated to need more than the budget")
         plan = replace(plan, vae_encode_tile_px=None, vae_decode_tile_px=None)
     elif tiling == "on" and not plan.vae_tiling:
-        from dataclasses import replace
         plan = replace(plan, vae_encode_tile_px=(256, 256), vae_decode_tile_px=(256, 256))
     return plan
 

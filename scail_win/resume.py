@@ -32,12 +32,6 @@ def fingerprint(**fields) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def file_identity(path: Path) -> str:
-    """Name, size and modification time: cheap, and changes when the file does."""
-    st = Path(path).stat()
-    return f"{Path(path).name}:{st.st_size}:{st.st_mtime_ns}"
-
-
 @dataclass
 class ResumeState:
     step: int            # number of completed denoising steps

@@ -79,12 +79,12 @@ def load_job_inputs(job: Job, args):
     """Reference image and pose videos (full and half size) as upstream prepares them."""
     from . import video_io
 
-    image = video_io.resize_for_rectangle_crop(video_io.read_image(job.ref_image), list(job.size))
-    pose, fps = video_io.load_pose_video(job.pose_video, job.size, max_frames=job.frames)
+    image = video_io.load_reference_image(job.ref_image, args.sampling_image_size)
+    pose, _ = video_io.load_pose_video(job.pose_video, job.size, max_frames=job.frames)
     smpl = pose
     if "smpl_downsample" in getattr(args, "representation", "smpl_downsample"):
         smpl = video_io.downsample_pose(pose)
-    return image, pose, smpl, fps
+    return image, pose, smpl
 
 
 def encode_job(model, job: Job, args, embed_cache=None) -> Conditioning:
@@ -92,7 +92,7 @@ def encode_job(model, job: Job, args, embed_cache=None) -> Conditioning:
     import torch
     from einops import rearrange
 
-    image, pose, smpl, _ = load_job_inputs(job, args)
+    image, pose, smpl = load_job_inputs(job, args)
     if not model.i2v_encode_video:
         raise UserError("this config sets i2v_encode_video: false, which upstream does not support for pose")
     device = model.compute_device
@@ -258,11 +258,12 @@ def run_one(model, job: Job, args, embed_cache=None) -> Path:
     """Make one (validated) job's video; returns the path written."""
     from . import resume as resume_mod
     from . import video_io
+    from .embed_cache import file_identity
 
     cond = encode_job(model, job, args, embed_cache)
     state_file = resume_mod.state_path_for(job.output_path)
-    fp = resume_mod.fingerprint(prompt=job.prompt, image=resume_mod.file_identity(job.ref_image),
-                                pose=resume_mod.file_identity(job.pose_video), frames=job.frames,
+    fp = resume_mod.fingerprint(prompt=job.prompt, image=file_identity(job.ref_image),
+                                pose=file_identity(job.pose_video), frames=job.frames,
                                 seed=getattr(args, "seed", None),
                                 steps=getattr(model.sampler, "num_steps", None),
                                 cfg=getattr(model.sampler.guider, "scale", None),
