@@ -7,8 +7,10 @@ Random weights, 16.4 B parameters, one sampling step at 512x896, 81 frames
   resident   upstream's DiT (its own mixins, Ulysses all-to-all on a one-rank
              NCCL group, as upstream runs) against scail-win's DiT built by
              ``scail_win.diffusion_video.build_dit`` on the SAME weight tensors
-             (fused 3D RoPE in fp32 and exact modes, single-process attention):
-             step time, peak memory, output error, host syncs per forward.
+             (fused 3D RoPE in fp32 and exact modes, single-process attention,
+             lean layers with the fused layer ops), and two rows that take the
+             layer ops, then the lean layers away: step time, peak memory,
+             output error, host syncs per forward.
   swap       scail-win's DiT with the memory plan for 24, 12 and 8 GiB cards
              (process capped with set_per_process_memory_fraction): blocks on
              the GPU, step time against resident, peak allocated/reserved,
@@ -24,8 +26,8 @@ Random weights, 16.4 B parameters, one sampling step at 512x896, 81 frames
              lean_activation_widths; time per call and error against the
              model without lean layers.
 
---lean-chunk N installs lean layers of N tokens on scail-win's DiTs in the
-resident and swap stages (0: lean layers without chunking).
+--lean-chunk N sets the lean layers' chunk in the resident stage (default 0:
+unchunked, as the memory plan runs them when everything fits).
 
 Usage (GPU machine, SCAIL tree in .scail, our package importable):
     PYTHONPATH=.:.scail python benchmarks/bench_dit.py --scail-root .scail --out $OUT
@@ -62,8 +64,8 @@ def parse_args(argv):
     p.add_argument("--budgets", default="24,12,8", help="card sizes (GiB) for the swap stage")
     p.add_argument("--repeats", type=int, default=2, help="timed calls after one warm-up")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (quick checks)")
-    p.add_argument("--lean-chunk", type=int, default=None,
-                   help="lean layers of this many tokens on scail-win's DiT (0: unchunked) in resident and swap")
+    p.add_argument("--lean-chunk", type=int, default=0,
+                   help="lean layers' token chunk in the resident stage (0: unchunked)")
     args = p.parse_args(argv)
     if not args.scail_root or not (Path(args.scail_root) / MODEL_YAML).is_file():
         p.error("--scail-root must name an upstream SCAIL checkout")
@@ -72,7 +74,7 @@ def parse_args(argv):
     args.size = tuple(int(v) for v in args.size.lower().split("x"))
     args.stages = [s for s in args.stages.split(",") if s]
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
-    if args.lean_chunk is not None and args.lean_chunk < 0:
+    if args.lean_chunk < 0:
         p.error("--lean-chunk must be >= 0")
     return args
 
@@ -233,47 +235,48 @@ def table(title, header, rows):
     print("\n".join(lines) + "\n", flush=True)
 
 
-def install_lean(args, dit):
-    """Lean layers on ``dit`` as --lean-chunk asks; the handle, or None without the flag."""
-    if args.lean_chunk is None:
-        return None
+def stage_resident(args, cfg, res):
+    from scail_win import layer_ops
     from scail_win.lean_layer import install_lean_layers
 
-    return install_lean_layers(dit, args.lean_chunk or None)
-
-
-def lean_label(args) -> str:
-    if args.lean_chunk is None:
-        return ""
-    return f", lean layers ({args.lean_chunk or 'unchunked'})"
-
-
-# ---------------------------------------------------------------- stages
-
-def stage_resident(args, cfg, res):
     dev = torch.device("cuda", 0)
     ours = build_ours(cfg, "fp32", dev)
     exact = build_ours(cfg, "exact", dev, share=ours)
     upstream = build_upstream(cfg, ours)
-    lean = [h for h in (install_lean(args, ours), install_lean(args, exact)) if h is not None]
     x, s, c, uc, tokens = latent_inputs(args.size, args.frames, dev)
     res["tokens_per_sample"] = tokens
     res["lean_chunk"] = args.lean_chunk
+    chunk = args.lean_chunk or None
+    # (name, model, lean layers?, layer-ops backend): the first three are what
+    # scail-win runs (lean layers as its memory plan installs them, fused
+    # layer ops); the last two take those away one at a time.
+    variants = [("upstream", upstream, False, "auto"), ("scail-win fp32 rope", ours, True, "auto"),
+                ("scail-win exact rope", exact, True, "auto"),
+                ("fp32, layer ops on PyTorch", ours, True, "torch"),
+                ("fp32, upstream layer forward", ours, False, "auto")]
     rows, outs = [], {}
     torch.cuda.empty_cache()
     weights_gib = torch.cuda.memory_allocated() / GIB
-    for name, dit in (("upstream", upstream), ("scail-win fp32 rope", ours), ("scail-win exact rope", exact)):
-        step = Step(cfg, dit)
-        sec, peaks, out = timed(lambda st=step: st.cfg(x, s, c, uc), args.repeats)
-        outs[name] = out.float().cpu()
-        del out
-        torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            step.single(x, s, c)
-        act1 = torch.cuda.max_memory_allocated() / GIB - weights_gib
-        syncs = count_syncs(lambda st=step: st.single(x, s, c))
+    for name, dit, lean, backend in variants:
+        handle = install_lean_layers(dit, chunk) if lean else None
+        os.environ[layer_ops.BACKEND_ENV] = backend
+        try:
+            step = Step(cfg, dit)
+            sec, peaks, out = timed(lambda st=step: st.cfg(x, s, c, uc), args.repeats)
+            outs[name] = out.float().cpu()
+            del out
+            torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                step.single(x, s, c)
+            act1 = torch.cuda.max_memory_allocated() / GIB - weights_gib
+            syncs = count_syncs(lambda st=step: st.single(x, s, c))
+        finally:
+            os.environ.pop(layer_ops.BACKEND_ENV, None)
+            if handle is not None:
+                handle.remove()
         res[name] = {"cfg_step_s": sec, "peak_alloc_gib": peaks[0], "peak_reserved_gib": peaks[1],
-                     "batch1_activation_gib": act1, "host_syncs_batch1": syncs}
+                     "batch1_activation_gib": act1, "host_syncs_batch1": syncs, "lean_layers": lean,
+                     "layer_ops": backend}
         torch.cuda.empty_cache()
     base = res["upstream"]["cfg_step_s"]
     for name, r in ((n, res[n]) for n in outs):
@@ -282,10 +285,8 @@ def stage_resident(args, cfg, res):
         rows.append((name, f"{r['cfg_step_s']:.2f}", f"{r['cfg_step_s'] / base:.3f}", f"{r['peak_alloc_gib']:.1f}",
                      f"{r['batch1_activation_gib']:.2f}", r["host_syncs_batch1"], f"{err[0]:.3g}", f"{err[1]:.3g}"))
     table(f"Resident CFG step, {args.size[0]}x{args.size[1]}x{args.frames} ({2 * tokens} tokens), weights "
-          f"{weights_gib:.1f} GiB{lean_label(args)}", ("model", "step s", "x upstream", "peak GiB", "act b1 GiB",
-                                                       "syncs b1", "max abs err", "rel err"), rows)
-    for handle in lean:
-        handle.remove()
+          f"{weights_gib:.1f} GiB, lean layers {'unchunked' if chunk is None else chunk}",
+          ("model", "step s", "x upstream", "peak GiB", "act b1 GiB", "syncs b1", "max abs err", "rel err"), rows)
     del upstream, exact, outs, step
     gc.collect()  # sat's transformer refers to itself: only the collector frees it
     torch.cuda.empty_cache()
@@ -294,6 +295,7 @@ def stage_resident(args, cfg, res):
 
 def stage_swap(args, cfg, res, ours):
     from scail_win import memory, offload
+    from scail_win.lean_layer import install_lean_layers
     from scail_win.model_loader import _SplitCFG, place_dit
 
     dev = torch.device("cuda", 0)
@@ -301,10 +303,16 @@ def stage_swap(args, cfg, res, ours):
     total = torch.cuda.get_device_properties(dev).total_memory
     step = Step(cfg, ours)
     resident_s = res.get("scail-win fp32 rope", {}).get("cfg_step_s")
-    if resident_s is None:
-        resident_s, _, _ = timed(lambda: step.cfg(x, s, c, uc), args.repeats)
-    with torch.no_grad():
-        ref = step.cfg(x, s, c, uc).float().cpu()
+    # The resident reference runs as scail-win runs a model that fits: lean
+    # layers, unchunked.
+    handle = install_lean_layers(ours, None)
+    try:
+        if resident_s is None:
+            resident_s, _, _ = timed(lambda: step.cfg(x, s, c, uc), args.repeats)
+        with torch.no_grad():
+            ref = step.cfg(x, s, c, uc).float().cpu()
+    finally:
+        handle.remove()
     for p in ours.parameters():
         p.data = p.data.cpu()
     del step
@@ -346,13 +354,12 @@ def stage_swap(args, cfg, res, ours):
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
         res[f"swap_{card:g}GiB"] = {"plan": plan.describe(), "blocks_on_gpu": plan.blocks_on_gpu,
                                     "cfg_split": plan.cfg_split, "lean_chunk": plan.layer_chunk_tokens,
-                                    "lean": plan.lean_layers,
                                     "step_s": sec, "vs_resident": sec / resident_s, "peak_alloc_gib": peaks[0],
                                     "peak_reserved_gib": peaks[1], "attach_s": attach_s, "host": hm,
                                     "max_abs_err_vs_resident": err[0], "rel_err_vs_resident": err[1],
                                     "status": status}
         rows.append((f"{card:g} GiB", plan.blocks_on_gpu, "yes" if plan.cfg_split else "no",
-                     (plan.layer_chunk_tokens or "all") if plan.lean_layers else "off", f"{sec:.2f}", f"{sec / resident_s:.3f}", f"{peaks[0]:.2f}",
+                     plan.layer_chunk_tokens or "all", f"{sec:.2f}", f"{sec / resident_s:.3f}", f"{peaks[0]:.2f}",
                      f"{peaks[1]:.2f}", f"{hm.get('RssAnon', 0):.1f}", f"{hm.get('VmHWM', 0):.1f}",
                      f"{err[1]:.2g}", status))
     table(f"Memory plans (block swap: pinned masters, side-stream prefetch); resident step {resident_s:.2f} s",
@@ -477,7 +484,7 @@ def stage_phases(args, res):
             return m.visual(image, use_31_block=True)
 
     measure("clip", clip_visual)
-    del clip
+    del clip, clip_visual  # the function's default argument holds the weights too
 
     # Wan VAE: encode the 81-frame i2v clip and decode 21 latent frames, tiled per the plan.
     from sgm.models.wan_vae import WanVAE_
@@ -489,7 +496,9 @@ def stage_phases(args, res):
     scale = [torch.zeros(16, device=dev, dtype=torch.bfloat16), torch.ones(16, device=dev, dtype=torch.bfloat16)]
 
     class Vae:
-        model, device, dtype = vae, dev, torch.bfloat16
+        """Upstream's WanVAE wrapper, as vae_tiling recognises it (its .model and .scale)."""
+        def __init__(self):
+            self.model, self.device, self.dtype, self.scale = vae, dev, torch.bfloat16, scale
 
         def encode(self, videos):
             with torch.autocast("cuda", dtype=torch.bfloat16):

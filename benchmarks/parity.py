@@ -24,8 +24,9 @@ Stages (--stages):
   dit       The DiT at full size (40 layers, hidden 5120, 16.4 B parameters)
             with random bf16 weights shared by upstream's class and mixins
             and scail-win's (fused RoPE exact and fp32, single-process
-            attention): one batch-1 forward as the sampler calls it, outputs
-            compared.
+            attention, lean layers with fused layer ops; and exact RoPE with
+            the layer ops on PyTorch, which must give upstream's bits): one
+            batch-1 forward as the sampler calls it, outputs compared.
 
 Usage (GPU machine, repo root; SCAIL tree in .scail; about 4 minutes on an H200):
     . benchmarks/gpu_env.sh
@@ -209,7 +210,8 @@ def stage_pipeline(opts, work, res):
     job = validate_job(Job(prompt=opts.prompt, input_dir=example), resolution=opts.size, max_frames=opts.frames,
                        output_dir=work / "samples")
     config = arguments_config(setup.config, opts.steps)
-    image, pose, smpl, _ = load_job_inputs(job, argparse.Namespace(representation="smpl_downsample"))
+    image, pose, smpl = load_job_inputs(job, argparse.Namespace(representation="smpl_downsample",
+                                                                   sampling_image_size=list(opts.size)))
 
     runs, seconds, rng = {}, {}, {}
     for name, run in (("upstream", lambda: upstream_run(opts, config, job, (image, pose, smpl), device)),
@@ -258,9 +260,10 @@ def stage_dit(opts, res):
     from sgm.modules.diffusionmodules.wrappers import OpenAIWrapper
     from sgm.util import instantiate_from_config
 
-    from scail_win import arguments, smoke
+    from scail_win import arguments, layer_ops, smoke
     from scail_win.diffusion_video import build_dit
     from scail_win.lazy_init import empty_weights
+    from scail_win.lean_layer import install_lean_layers
 
     device = torch.device(opts.device)
     dtype, dtype_str = (torch.bfloat16, "bf16") if device.type == "cuda" else (torch.float32, "fp32")
@@ -300,9 +303,16 @@ def stage_dit(opts, res):
     cond["concat_pose"] = cond["concat_smpl_render"]
     x, sigma = rnd(1, t, 16, lh, lw), torch.full((1,), 0.9, device=device)
 
+    # scail-win's DiTs run lean layers (unchunked, as its memory plan installs
+    # them when the model fits); the last row keeps the layer ops on PyTorch,
+    # upstream's own op chains, where exact RoPE must give upstream's bits.
+    lean = [install_lean_layers(dit, None) for dit in (ours, exact)]
     outs, rows = {}, []
-    for name, dit in (("upstream", upstream), ("scail-win fp32 rope", ours), ("scail-win exact rope", exact)):
+    for name, dit, backend in (("upstream", upstream, "auto"), ("scail-win fp32 rope", ours, "auto"),
+                               ("scail-win exact rope", exact, "auto"),
+                               ("scail-win exact rope, layer ops on PyTorch", exact, "torch")):
         network = OpenAIWrapper(dit.eval(), compile_model=False, dtype=dtype)
+        os.environ[layer_ops.BACKEND_ENV] = backend
         with torch.no_grad():
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -311,6 +321,7 @@ def stage_dit(opts, res):
                                   cfg_scale=4.0).float().cpu()
             if device.type == "cuda":
                 torch.cuda.synchronize()
+        os.environ.pop(layer_ops.BACKEND_ENV)
         seconds = time.perf_counter() - t0
         err = errors(outs["upstream"], outs[name]) if name != "upstream" else (0.0, 0.0)
         res[f"dit {name}"] = {"seconds": seconds, "max_abs_err": err[0], "rel_err": err[1]}
@@ -319,6 +330,8 @@ def stage_dit(opts, res):
     table(f"Full-size DiT ({res['dit_params'] / 1e9:.2f} B params, {dtype_str}), one batch-1 forward, "
           f"{height}x{width}x{opts.dit_frames} ({tokens} tokens)", ("model", "seconds", "max abs err", "rel err"),
           rows)
+    for handle in lean:
+        handle.remove()
     del ours, exact, upstream, shared
     free(device)
 

@@ -30,7 +30,10 @@ token, but a chunk of tokens at a time wherever the work is per token:
 
 Every per-token operation is the module upstream calls (the layer's own
 LayerNorms, RMSNorms, linears and MLP), so per token the result is what
-upstream computes.  Bitwise equality holds where the kernels are
+upstream computes.  On CUDA with Triton, the qk RMSNorms, the LayerNorm +
+modulate pairs and the gated residual adds run as :mod:`scail_win.layer_ops`'
+fused kernels instead, which round where upstream's ops round (their float32
+sums over a row are ordered differently: last-bit differences).  Bitwise equality holds where the kernels are
 row-independent; a matrix multiply may round a row differently when it has
 a different number of rows (BLAS/cuBLAS pick kernels by shape), which gives
 last-bit differences (see the tests).
@@ -132,6 +135,58 @@ def _autocast_on(device_type: str) -> bool:
 def _modulate(x, shift, one_plus_scale):
     # Upstream's modulate: x * (1 + scale) + shift, with 1 + scale made once.
     return x * one_plus_scale + shift
+
+
+def _fusable_rms_norm(norm) -> bool:
+    """SCAIL's qk RMSNorm (float32 math, optional weight), which layer_ops.rms_norm computes."""
+    forward = getattr(type(norm), "forward", None)
+    if getattr(forward, "__qualname__", None) != "RMSNorm.forward":
+        return False
+    if not isinstance(getattr(norm, "variance_epsilon", None), float):
+        return False
+    if not getattr(norm, "elementwise_affine", False):
+        return True
+    weight = getattr(norm, "weight", None)
+    return weight is not None and weight.dim() == 1
+
+
+def _fusable_layer_norm(norm) -> bool:
+    """A plain last-dim LayerNorm (torch's, or sat's subclass without pb_relax)."""
+    import torch
+
+    return (isinstance(norm, torch.nn.LayerNorm) and len(norm.normalized_shape) == 1
+            and not getattr(norm, "pb_relax", False))
+
+
+def _norm_modulate(norm, rows, shift, one_plus_scale, fused):
+    """``norm(rows) * one_plus_scale + shift``, in one kernel where layer_ops can."""
+    if fused and _fusable_layer_norm(norm):
+        from scail_win import layer_ops
+
+        return layer_ops.layer_norm_modulate(rows, shift, one_plus_scale, norm.eps, norm.weight, norm.bias)
+    return _modulate(norm(rows), shift, one_plus_scale)
+
+
+def _rms_norm(norm, x, fused, out=None):
+    """``norm(x)``, written into ``out`` when given; one kernel where layer_ops can."""
+    if fused and _fusable_rms_norm(norm):
+        from scail_win import layer_ops
+
+        weight = norm.weight if norm.elementwise_affine else None
+        return layer_ops.rms_norm(x, weight, norm.variance_epsilon, out=out)
+    y = norm(x)
+    if out is None:
+        return y
+    return out.copy_(y)
+
+
+def _gated_add_(rows, gate, update, fused):
+    if fused:
+        from scail_win import layer_ops
+
+        layer_ops.gated_add_(rows, gate, update)
+    else:
+        rows += gate * update
 
 
 def _find_adaln_mixin(dit):
@@ -261,12 +316,15 @@ class LeanLayers:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         spans = _spans(hidden_states.shape[1], self._chunk_tokens)
         layer = self.transformer.layers[layer_id]
+        from scail_win import layer_ops
+
+        fused = layer_ops.select_backend(hidden_states) == "triton"
         with torch.no_grad():
             context = self._self_attention(layer, layer_id, hidden_states, mask, spans, shift_msa,
-                                           1 + scale_msa, kwargs)
+                                           1 + scale_msa, fused, kwargs)
             cross = self._cross_keys_values(layer, layer_id, kwargs)
             self._tail(layer, layer_id, hidden_states, context, cross, spans, gate_msa, shift_mlp,
-                       1 + scale_mlp, gate_mlp, kwargs)
+                       1 + scale_mlp, gate_mlp, fused, kwargs)
         return hidden_states
 
     def _unsupported_call(self, hidden_states, kwargs) -> Optional[str]:
@@ -298,7 +356,7 @@ class LeanLayers:
 
         return module.hooks.get("attention_fn", attention_fn_default)
 
-    def _self_attention(self, layer, layer_id, hidden_states, mask, spans, shift, one_plus_scale, kwargs):
+    def _self_attention(self, layer, layer_id, hidden_states, mask, spans, shift, one_plus_scale, fused, kwargs):
         """Steps 1-3: chunked projections into q/k/v buffers, attention on all tokens."""
         import torch
         from sat.mpu.utils import split_tensor_along_last_dim
@@ -311,17 +369,19 @@ class LeanLayers:
         buffers = [None, None, None]
         batch, tokens = hidden_states.shape[:2]
         for start, stop in spans:
-            x = _modulate(layer.input_layernorm(hidden_states[:, start:stop]), shift, one_plus_scale)
+            x = _norm_modulate(layer.input_layernorm, hidden_states[:, start:stop], shift, one_plus_scale, fused)
             mixed = attention.query_key_value(x)
             del x
             for i, part in enumerate(split_tensor_along_last_dim(mixed, attention.stride)):
-                if norms[i] is not None:
-                    part = norms[i](part)
                 if buffers[i] is None:
+                    # A norm keeps its input's dtype (upstream's casts back).
                     buffers[i] = torch.empty((batch, tokens, part.shape[-1]), dtype=part.dtype, device=part.device)
                 # Stored before the next norm runs: one norm's float32
                 # temporaries at a time beside the projection.
-                buffers[i][:, start:stop].copy_(part)
+                if norms[i] is not None:
+                    _rms_norm(norms[i], part, fused, out=buffers[i][:, start:stop])
+                else:
+                    buffers[i][:, start:stop].copy_(part)
                 del part
             del mixed  # before the next chunk's projection is made
         query, key, value = (attention._transpose_for_scores(b) for b in buffers)
@@ -349,7 +409,7 @@ class LeanLayers:
         return pairs
 
     def _tail(self, layer, layer_id, hidden_states, context, cross_pairs, spans, gate_msa, shift_mlp,
-              one_plus_scale_mlp, gate_mlp, kwargs):
+              one_plus_scale_mlp, gate_mlp, fused, kwargs):
         """Step 4, chunk by chunk; every update goes into ``hidden_states`` in place."""
         mixin = self.mixin
         attention = layer.attention
@@ -369,13 +429,13 @@ class LeanLayers:
             del part
             if sandwich:
                 out = layer.third_layernorm(out)
-            rows += gate_msa * out
+            _gated_add_(rows, gate_msa, out, fused)
             del out
 
             # Cross-attention on text, plus CLIP image tokens, ungated.
             query = cross.query(layer.post_cross_attention_layernorm(rows))
             if cross_query_norm is not None:
-                query = cross_query_norm(query)
+                query = _rms_norm(cross_query_norm, query, fused)
             query = cross._transpose_for_scores(query)
             summed = None
             for key, value in cross_pairs:
@@ -390,12 +450,12 @@ class LeanLayers:
             del summed
 
             # Modulated FFN and gated residual.
-            x = _modulate(layer.post_attention_layernorm(rows), shift_mlp, one_plus_scale_mlp)
+            x = _norm_modulate(layer.post_attention_layernorm, rows, shift_mlp, one_plus_scale_mlp, fused)
             out = layer.mlp(x, **kwargs)
             del x
             if sandwich:
                 out = layer.fourth_layernorm(out)
-            rows += gate_mlp * out
+            _gated_add_(rows, gate_mlp, out, fused)
             del out
 
 

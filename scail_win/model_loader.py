@@ -223,12 +223,11 @@ def place_dit(dit: nn.Module, plan, device: torch.device, weight_source=None) ->
     placement = DiTPlacement()
     if plan is None:
         return placement
-    if plan.lean_layers:
-        from .lean_layer import install_lean_layers
-        try:
-            placement.lean = install_lean_layers(dit, plan.layer_chunk_tokens)
-        except ValueError as exc:
-            log.warning("lean layers unavailable for this model (%s); memory use will exceed the plan", exc)
+    from .lean_layer import install_lean_layers
+    try:
+        placement.lean = install_lean_layers(dit, plan.layer_chunk_tokens)
+    except ValueError as exc:
+        log.warning("lean layers unavailable for this model (%s); memory use will exceed the plan", exc)
     if plan.offload_mode != "none" and plan.blocks_on_gpu < plan.num_layers:
         kwargs = {}
         if weight_source is not None:

@@ -48,6 +48,34 @@ DEFAULT_CRF = 25
 # Frames decoded and resized together: bounds the float copy of full-size frames.
 RESIZE_CHUNK = 16
 _EXIF_ORIENTATION = 0x0112
+# FFmpeg's colour enums as frames report them (AVColorSpace, AVColorRange)
+# and as swscale takes them (SWS_CS_*); plain ints, which every PyAV since 12
+# accepts (its enum classes changed between versions).
+_AVCOL_SPC_BT709 = 1
+_AVCOL_RANGE_MPEG, _AVCOL_RANGE_JPEG = 1, 2
+_SWS_CS_ITU709, _SWS_CS_ITU601 = 1, 5
+
+
+def _frame_to_rgb(frame: "av.VideoFrame") -> np.ndarray:
+    """H x W x 3 RGB24 of a decoded frame, its colour conversion stated in full.
+
+    PyAV reuses one scaler across frames and files and keeps conversion
+    settings it was not given: left to it, the same frame came out slightly
+    differently depending on what had been converted before.  The frame's
+    own matrix and range where it states them (BT.709, full range), else
+    BT.601 limited range, FFmpeg's default, what upstream's decord reads.
+    """
+    space = _SWS_CS_ITU709 if frame.colorspace == _AVCOL_SPC_BT709 else _SWS_CS_ITU601
+    src_range = _AVCOL_RANGE_JPEG if frame.color_range == _AVCOL_RANGE_JPEG else _AVCOL_RANGE_MPEG
+    return frame.reformat(format="rgb24", src_colorspace=space, dst_colorspace=space,
+                          src_color_range=src_range, dst_color_range=_AVCOL_RANGE_JPEG).to_ndarray()
+
+
+def _rgb_to_yuv420(pixels: np.ndarray) -> "av.VideoFrame":
+    """A yuv420p frame of RGB24 ``pixels``: BT.601 limited range (FFmpeg's and imageio's default), stated in full."""
+    rgb = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+    return rgb.reformat(format="yuv420p", src_colorspace=_SWS_CS_ITU601, dst_colorspace=_SWS_CS_ITU601,
+                        src_color_range=_AVCOL_RANGE_JPEG, dst_color_range=_AVCOL_RANGE_MPEG)
 
 
 @dataclass(frozen=True)
@@ -175,7 +203,7 @@ def _iter_frames(path, max_frames: int | None) -> Iterator[np.ndarray]:
         count = 0
         try:
             for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24")
+                yield _frame_to_rgb(frame)
                 count += 1
                 if max_frames is not None and count >= max_frames:
                     return
@@ -391,7 +419,7 @@ def _encode(frames: np.ndarray, target: str, rate: Fraction, crf: int) -> None:
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         for index, pixels in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame = _rgb_to_yuv420(pixels)
             frame.pts = index
             container.mux(stream.encode(frame))
         container.mux(stream.encode())

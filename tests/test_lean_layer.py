@@ -172,6 +172,59 @@ def test_bf16_output_is_bitwise_upstreams(scail):
         assert torch.equal(run(dit, inputs, chunk), reference), f"chunk {chunk}"
 
 
+class ReferenceKernels:
+    """layer_ops' kernel module, computed by its PyTorch references; counts the calls."""
+
+    def __init__(self):
+        from scail_win import layer_ops
+
+        self.ops = layer_ops
+        self.calls = {"rms_norm": 0, "layer_norm_modulate": 0, "gated_add_": 0}
+
+    def _reference(self, fn, *args, **kwargs):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(self.ops, "select_backend", lambda x: "torch")
+            return fn(*args, **kwargs)
+
+    def rms_norm(self, x, weight, eps, out):
+        self.calls["rms_norm"] += 1
+        self._reference(self.ops.rms_norm, x, weight, eps, out=out)
+
+    def layer_norm_modulate(self, x, weight, bias, eps, shift, one_plus_scale, out):
+        self.calls["layer_norm_modulate"] += 1
+        out.copy_(self._reference(self.ops.layer_norm_modulate, x, shift, one_plus_scale, eps, weight, bias))
+
+    def gated_add_(self, residual, gate, update):
+        self.calls["gated_add_"] += 1
+        self._reference(self.ops.gated_add_, residual, gate, update)
+
+
+@pytest.mark.scail
+@pytest.mark.parametrize("dtype", ("fp32", "bf16"))
+def test_fused_layer_ops_path_equals_the_module_path(scail, dtype, monkeypatch):
+    # Where Triton runs (CUDA), lean layers hand the qk norms, LayerNorm +
+    # modulate and gated adds to scail_win.layer_ops: the same math, fewer
+    # passes.  Here the kernels are the PyTorch references, so the outputs
+    # must be equal, and every such op of every layer must go through them.
+    from scail_win import layer_ops
+
+    # sat's LayerNorm on the CPU in bf16 ignores its eps (takes
+    # F.layer_norm's 1e-5); on CUDA, where the fused path runs, it uses it.
+    dit = make_dit(scail, dtype, elementwise_affine=True, layernorm_epsilon=1e-5)
+    inputs = make_inputs(dtype, 2)
+    reference = run(dit, inputs, 100)
+    kernels = ReferenceKernels()
+    monkeypatch.setattr(layer_ops, "select_backend", lambda x: "triton")
+    monkeypatch.setattr(layer_ops, "_load_triton", lambda: (kernels, None))
+    out = run(dit, inputs, 100)
+    assert torch.equal(out, reference)
+    chunks, layers = 3, dit.num_layers  # 228 tokens in chunks of at most 100
+    # q and k norms per chunk plus the cross-attention query's; two
+    # modulated norms and two gated adds per chunk.
+    assert kernels.calls == {"rms_norm": 3 * chunks * layers, "layer_norm_modulate": 2 * chunks * layers,
+                             "gated_add_": 2 * chunks * layers}
+
+
 # Row-independent stand-ins for the two matrix-multiplying ops: float64
 # products summed per output element, rounded once, so a row's result no
 # longer depends on how many rows share the call.

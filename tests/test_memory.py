@@ -15,7 +15,6 @@ from scail_win.memory import (
     scail_layer_params,
     scail_specs,
     scail_tokens_per_sample,
-    upstream_layer_activation_bytes,
 )
 
 PHASES = ("text", "clip", "vae_encode", "denoise", "vae_decode")
@@ -81,14 +80,14 @@ def test_large_card_keeps_everything_resident_and_uncut():
     parts, dit = specs()
     plan = plan_memory(dit, total_vram_bytes=141 * GiB, **parts)
     assert plan.blocks_on_gpu == 40 and plan.offload_mode == "none" and plan.prefetch == 0
-    assert not plan.cfg_split and plan.layer_chunk_tokens is None and not plan.lean_layers
+    assert not plan.cfg_split and plan.layer_chunk_tokens is None
     assert plan.t5_placement == "gpu" and not plan.vae_tiling and plan.vae_tile_kwargs_for("decode") == {}
     assert plan.resident_phases == ("denoise",)
     assert "all 40 layers on the GPU" in plan.describe()
     # All layers fit, but not beside umT5 (when the activations are small):
     # the DiT leaves the GPU between phases.
     _, short = specs(256, 448, 17)
-    full = dit_fixed_bytes(short, 40, 0, 2) + upstream_layer_activation_bytes(short, 2)
+    full = dit_fixed_bytes(short, 40, 0, 2) + dit_activation_bytes(short, 2, None)
     beside_t5 = (short.resident_bytes + 40 * short.group_bytes + parts["t5"].weight_bytes
                  + parts["t5"].activation_bytes)
     assert full < beside_t5
@@ -178,7 +177,6 @@ def test_activation_estimate_scales_with_tokens_batch_and_chunks():
     one = dit_activation_bytes(dit, 1, None)
     assert dit_activation_bytes(dit, 2, None) > 1.9 * one
     assert dit_activation_bytes(dit, 1, 4096) < one / 2
-    assert upstream_layer_activation_bytes(dit, 1) > one  # lean layers hold fewer temporaries
     _, small = specs(256, 448, 81)
     assert dit_activation_bytes(small, 1, None) < one / 3
 

@@ -272,6 +272,18 @@ def test_write_then_read_round_trip(tmp_path, fps):
     assert no_temp_files(target.parent)
 
 
+def test_round_trips_do_not_depend_on_earlier_conversions(tmp_path):
+    # PyAV's scaler is shared and kept settings from earlier conversions: the
+    # same frames written and read in turn used to come back different.
+    frames = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    files, decoded = [], []
+    for i in range(6):
+        files.append(video_io.write_video(frames, tmp_path / f"clip{i}.mp4", 16))
+        decoded.append(video_io.read_video(files[-1])[0])
+    assert len({f.read_bytes() for f in files}) == 1
+    assert all(torch.equal(decoded[0], d) for d in decoded[1:])
+
+
 def test_write_video_never_overwrites(tmp_path):
     target = tmp_path / "001" / "001_output_000000.mp4"
     target.parent.mkdir()
