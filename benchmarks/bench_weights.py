@@ -8,10 +8,12 @@ Full-size SCAIL DiT (16.4 B parameters) with random weights, one CFG step at
            fp8 e4m3fn (per-output-channel scales, upcast to bf16) against bf16.
   files    the bf16 DiT written as safetensors (and as fp8), then timed from
            the files: meta build + memory-mapped load + first step, resident;
-           and block-swapped at the 8 GiB plan in 'pinned' mode (one pinned
-           master per layer) against 'stream' mode (layers copied from the
-           memory-mapped file through pinned staging buffers), with step time,
-           RssAnon (what must fit in RAM) and RssFile (page cache, reclaimable).
+           and block-swapped at the 8 GiB plan in 'stream' mode (layers
+           copied from the memory-mapped file through pinned staging
+           buffers), with step time, RssAnon (what must fit in RAM) and
+           RssFile (page cache, reclaimable).
+  pinned   (with files) the same in 'pinned' mode too, one pinned master
+           per layer (30 GiB of RAM), for the stream-vs-pinned step time.
 
 Usage (GPU machine, after `. benchmarks/gpu_env.sh`):
     python benchmarks/bench_weights.py --scail-root .scail --dir /tmp/w --out $OUT

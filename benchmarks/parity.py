@@ -27,6 +27,10 @@ Stages (--stages):
             attention, lean layers with fused layer ops; and exact RoPE with
             the layer ops on PyTorch, which must give upstream's bits): one
             batch-1 forward as the sampler calls it, outputs compared.
+  fp8       The pipeline stage's tiny DiT (2 layers, hidden 128) in bf16,
+            one forward at 256x448x33 with its Linear weights as bf16 and
+            as fp8 e4m3fn with per-channel scales (what `convert --dtype
+            fp8_e4m3fn` stores): the relative error of the output.
 
 Usage (GPU machine, repo root; SCAIL tree in .scail; about 4 minutes on an H200):
     . benchmarks/gpu_env.sh
@@ -50,7 +54,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dit import table  # noqa: E402  (one table printer for the benchmarks)
 
-STAGES = ("pipeline", "dit")
+STAGES = ("pipeline", "dit", "fp8")
 DIT_CONFIG_TOKENS = (512, 4096, 257, 1280)  # T5 tokens x width, CLIP tokens x width
 
 
@@ -336,6 +340,52 @@ def stage_dit(opts, res):
     free(device)
 
 
+# ---------------------------------------------------------------- fp8 on the tiny DiT
+
+def stage_fp8(opts, res):
+    import torch
+    from omegaconf import OmegaConf
+
+    from scail_win import arguments, smoke, weights
+    from scail_win.diffusion_video import build_dit
+
+    device = torch.device(opts.device)
+    arguments.get_args(["--seed", str(opts.seed)])  # sat's parallel groups, as a run has them
+    net = OmegaConf.load(arguments.packaged_config_path()).model.network_config
+    # sat's LayerNorm has no bf16 CPU path without affine weights.
+    extra = {"elementwise_affine": True} if device.type == "cpu" else {}
+    net.params = OmegaConf.merge(net.params, smoke.TINY_DIT, extra)
+    dit = build_dit(net, dtype_str="bf16", use_i2v_clip=True, rope_mode="fp32", empty_weights=True)
+    smoke.randomize_(dit, device, opts.seed, torch.bfloat16)
+    dit.eval()
+    g = torch.Generator(device=device).manual_seed(opts.seed + 1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(torch.bfloat16)
+
+    t, h, w = 9, 32, 56  # latents of 256x448x33
+    text_len, _, clip_len, clip_dim = DIT_CONFIG_TOKENS
+    inputs = dict(x=rnd(1, t, 16, h, w), timesteps=torch.full((1,), 700.0, device=device),
+                  context=rnd(1, text_len, int(net.params.text_dim)), concat_images=rnd(1, t, 16, h, w),
+                  ref_concat=rnd(1, 1, 16, h, w), concat_smpl_render=rnd(1, t, 16, h // 2, w // 2),
+                  image_clip_features=rnd(1, clip_len, clip_dim))
+    with torch.no_grad():
+        reference = dit(**inputs)
+        count = 0
+        for name, p in dit.named_parameters():
+            if weights.is_fp8_candidate(name, tuple(p.shape)):
+                q, scale = weights.quantize_fp8(p.data)
+                p.data = weights.dequantize(q, scale, torch.bfloat16)
+                count += 1
+        out = dit(**inputs)
+    err = errors(reference, out)
+    res.update(tensors=count, max_abs_err=err[0], rel_err=err[1])
+    table(f"fp8 e4m3fn (per-channel scales) vs bf16 weights, tiny DiT, one forward on {device}",
+          ("fp8 tensors", "max abs err", "rel err"), [(count, f"{err[0]:.3g}", f"{err[1]:.3g}")])
+    del dit
+    free(device)
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -356,6 +406,9 @@ def main(argv=None) -> int:
         if "dit" in opts.stages:
             res["dit"] = {}
             stage_dit(opts, res["dit"])
+        if "fp8" in opts.stages:
+            res["fp8"] = {}
+            stage_fp8(opts, res["fp8"])
     finally:
         if not opts.work:
             shutil.rmtree(work, ignore_errors=True)

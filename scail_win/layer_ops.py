@@ -14,68 +14,27 @@ the AdaLN mixin makes them.  :mod:`scail_win.lean_layer` calls these.
 """
 from __future__ import annotations
 
-import functools
-import logging
-import os
 from typing import Optional
 
 import torch
 
-from scail_win.errors import UserError
+from scail_win.kernel_backend import KernelBackend
 
-logger = logging.getLogger(__name__)
-
-BACKEND_ENV = "SCAIL_WIN_LAYER_OPS"
-BACKENDS = ("auto", "torch", "triton")
+BACKEND = KernelBackend("SCAIL_WIN_LAYER_OPS", "scail_win.layer_ops_triton", "layer norms")
+BACKEND_ENV = BACKEND.env
 # One row lives in registers; wider rows go to PyTorch.
 TRITON_MAX_FEATURES = 16384
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def requested_backend() -> str:
-    """The backend named by ``SCAIL_WIN_LAYER_OPS`` (auto when unset)."""
-    value = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise UserError(f"{BACKEND_ENV}={value!r} is not valid; set it to one of {', '.join(BACKENDS)} or unset it")
-    return value
-
-
-@functools.lru_cache(maxsize=1)
-def _load_triton():
-    """Import the kernels once; (module, None) or (None, why not)."""
-    try:
-        from scail_win import layer_ops_triton
-    except Exception as exc:  # a broken Triton install fails in many ways; all mean "not usable"
-        reason = f"Triton kernels unavailable ({type(exc).__name__}: {exc})"
-        logger.info("%s; layer norms run on PyTorch", reason)
-        return None, reason
-    return layer_ops_triton, None
 
 
 def select_backend(x: torch.Tensor) -> str:
-    """"triton" for a CUDA tensor of a kernel dtype and width, outside autograd, when Triton imports; else "torch".
+    """"triton" or "torch" for a call on ``x`` (see kernel_backend.KernelBackend.select); rows must fit.
 
     ``SCAIL_WIN_LAYER_OPS=triton`` turns a failing condition into an error,
     ``=torch`` always answers "torch".
     """
-    choice = requested_backend()
-    if choice == "torch":
-        return "torch"
-    if not x.is_cuda:
-        problem = f"the tensor is on {x.device}, the Triton kernels need a CUDA tensor"
-    elif x.dtype not in TRITON_DTYPES:
-        problem = f"dtype {x.dtype} is not one of float16, bfloat16, float32"
-    elif x.shape[-1] > TRITON_MAX_FEATURES:
-        problem = f"{x.shape[-1]} features are above {TRITON_MAX_FEATURES}"
-    elif torch.is_grad_enabled() and x.requires_grad:
-        problem = "autograd is recording through the input and the kernels have no backward"
-    else:
-        problem = _load_triton()[1]
-    if problem is None:
-        return "triton"
-    if choice == "triton":
-        raise UserError(f"{BACKEND_ENV}=triton but {problem}; unset {BACKEND_ENV} to fall back to PyTorch")
-    return "torch"
+    features = x.shape[-1] if x.dim() else 0
+    problem = f"{features} features are above {TRITON_MAX_FEATURES}" if features > TRITON_MAX_FEATURES else None
+    return BACKEND.select(x, problem)
 
 
 def _check_rows(name: str, t: torch.Tensor, features: Optional[int] = None) -> None:
@@ -128,7 +87,7 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
     _check_vector("weight", weight, x)
     out = _output(x, out)
     if select_backend(x) == "triton":
-        _load_triton()[0].rms_norm(x, weight, eps, out)
+        BACKEND.kernels().rms_norm(x, weight, eps, out)
         return out
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -148,7 +107,7 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, one_plus_scale: to
     _check_vector("bias", bias, x)
     if select_backend(x) == "triton":
         out = _output(x, None)
-        _load_triton()[0].layer_norm_modulate(x, weight, bias, eps, shift, one_plus_scale, out)
+        BACKEND.kernels().layer_norm_modulate(x, weight, bias, eps, shift, one_plus_scale, out)
         return out
     normed = torch.nn.functional.layer_norm(
         x.float(), (x.shape[-1],), None if weight is None else weight.float(),
@@ -165,6 +124,6 @@ def gated_add_(residual: torch.Tensor, gate: torch.Tensor, update: torch.Tensor)
         raise ValueError(f"update must be a {tuple(residual.shape)} {residual.dtype} tensor, "
                          f"got {tuple(update.shape)} {update.dtype}")
     if select_backend(residual) == "triton":
-        _load_triton()[0].gated_add_(residual, gate, update)
+        BACKEND.kernels().gated_add_(residual, gate, update)
         return residual
     return residual.add_(gate * update)

@@ -20,7 +20,7 @@ def _warps(block: int) -> int:
 
 
 @triton.jit
-def _rms_norm_kernel(X, W, OUT, tokens, n, eps,
+def _rms_norm_kernel(X, W, OUT, n, eps,
                      sxb, sxt, sob, sot,
                      HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -42,7 +42,7 @@ def rms_norm(x, weight, eps, out):
     block = triton.next_power_of_2(n)
     with _on_device(x):
         _rms_norm_kernel[(tokens, batch)](
-            x, weight if weight is not None else x, out, tokens, n, float(eps),
+            x, weight if weight is not None else x, out, n, float(eps),
             x.stride(0), x.stride(1), out.stride(0), out.stride(1),
             HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=_warps(block),
         )

@@ -13,24 +13,18 @@ Layout (as upstream): x is (batch, nheads, seqlen, headdim); cos and sin are
 leave the token unrotated, as upstream's masked table loads do.  Both paths
 compute in float32 and round once to x's dtype.
 """
-import functools
-import logging
-import os
 from typing import Optional, Union
 
 import torch
 
-from scail_win.errors import UserError
+from scail_win.kernel_backend import KernelBackend
 
-logger = logging.getLogger(__name__)
-
-BACKEND_ENV = "SCAIL_WIN_ROTARY"
-BACKENDS = ("auto", "torch", "triton")
+BACKEND = KernelBackend("SCAIL_WIN_ROTARY", "scail_win.rotary_triton", "rotary embeddings")
+BACKEND_ENV = BACKEND.env
 
 # Largest head dim the Triton kernels take (upstream's limit too); larger
 # heads run on the PyTorch path.
 TRITON_MAX_HEADDIM = 256
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Elements of x per PyTorch-path step: bounds the float32 temporaries (a few
 # times 64 MiB) without paying a kernel launch per head.
@@ -39,58 +33,23 @@ TORCH_CHUNK_ELEMENTS = 1 << 24
 
 def requested_backend() -> str:
     """The backend named by ``SCAIL_WIN_ROTARY`` (auto when unset)."""
-    value = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise UserError(
-            f"{BACKEND_ENV}={value!r} is not valid; set it to one of {', '.join(BACKENDS)} or unset it"
-        )
-    return value
-
-
-@functools.lru_cache(maxsize=1)
-def _load_triton():
-    """Import the Triton kernels once; return (module, None) or (None, why not)."""
-    try:
-        from scail_win import rotary_triton
-    except Exception as exc:  # a broken Triton install fails in many ways; all mean "not usable"
-        reason = f"Triton kernels unavailable ({type(exc).__name__}: {exc})"
-        logger.info("%s; rotary embeddings run on PyTorch", reason)
-        return None, reason
-    return rotary_triton, None
+    return BACKEND.requested()
 
 
 def select_backend(x: torch.Tensor, *, headdim: int) -> str:
-    """Pick "torch" or "triton" for one call on ``x``.
+    """Pick "torch" or "triton" for one call on ``x`` (see kernel_backend.KernelBackend.select).
 
-    auto takes Triton when it imports, x is a CUDA tensor of a kernel dtype,
-    the head dim fits and no autograd graph is being recorded through x (the
-    kernels have no backward).  ``SCAIL_WIN_ROTARY=triton`` turns any of these
-    failing into an error instead of a fallback.
+    Beyond the common conditions, the head dim must fit the kernels.
+    ``SCAIL_WIN_ROTARY=triton`` turns any condition failing into an error
+    instead of a fallback.
     """
-    choice = requested_backend()
-    if choice == "torch":
-        return "torch"
-    if not x.is_cuda:
-        problem = f"the tensor is on {x.device}, the Triton kernels need a CUDA tensor"
-    elif x.dtype not in TRITON_DTYPES:
-        problem = f"dtype {x.dtype} is not one of float16, bfloat16, float32"
-    elif headdim > TRITON_MAX_HEADDIM:
-        problem = f"head dim {headdim} is above {TRITON_MAX_HEADDIM}"
-    elif x.requires_grad and torch.is_grad_enabled():
-        problem = "autograd is recording through the input and the kernels have no backward"
-    else:
-        # Only now: importing Triton costs about a second.
-        problem = _load_triton()[1]
-    if problem is None:
-        return "triton"
-    if choice == "triton":
-        raise UserError(f"{BACKEND_ENV}=triton but {problem}; unset {BACKEND_ENV} to fall back to PyTorch")
-    return "torch"
+    problem = f"head dim {headdim} is above {TRITON_MAX_HEADDIM}" if headdim > TRITON_MAX_HEADDIM else None
+    return BACKEND.select(x, problem)
 
 
 def triton_kernels():
     """The ``rotary_triton`` module; only call after select_backend chose "triton"."""
-    return _load_triton()[0]
+    return BACKEND.kernels()
 
 
 def apply_rotary(

@@ -215,7 +215,7 @@ def test_fused_layer_ops_path_equals_the_module_path(scail, dtype, monkeypatch):
     reference = run(dit, inputs, 100)
     kernels = ReferenceKernels()
     monkeypatch.setattr(layer_ops, "select_backend", lambda x: "triton")
-    monkeypatch.setattr(layer_ops, "_load_triton", lambda: (kernels, None))
+    monkeypatch.setattr(layer_ops.BACKEND, "kernels", lambda: kernels)
     out = run(dit, inputs, 100)
     assert torch.equal(out, reference)
     chunks, layers = 3, dit.num_layers  # 228 tokens in chunks of at most 100
