@@ -228,3 +228,13 @@ def test_memory_disk_and_versions(monkeypatch, tmp_path):
 def test_gpu_checks_report_vram():
     checks = doctor.check_gpus(torch)
     assert checks and all("GiB VRAM" in c.detail for c in checks)
+
+
+def test_optional_packages_say_what_they_change(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    checks = {c.name: c for c in doctor.check_optional()}
+    assert checks["triton"].status == "OK"
+    assert "kernels on CUDA run on PyTorch, slower" in checks["triton"].detail
