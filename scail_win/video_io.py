@@ -59,11 +59,11 @@ _SWS_CS_ITU709, _SWS_CS_ITU601 = 1, 5
 def _frame_to_rgb(frame: "av.VideoFrame") -> np.ndarray:
     """H x W x 3 RGB24 of a decoded frame, its colour conversion stated in full.
 
-    PyAV reuses one scaler across frames and files and keeps conversion
-    settings it was not given: left to it, the same frame came out slightly
-    differently depending on what had been converted before.  The frame's
-    own matrix and range where it states them (BT.709, full range), else
-    BT.601 limited range, FFmpeg's default, what upstream's decord reads.
+    Left to PyAV's defaults (matrix and range unspecified), conversions in
+    one process came out differently depending on what had been decoded and
+    encoded before (seen in interleaved writes and reads of the same frames).
+    The frame's own matrix and range where it states them (BT.709, full
+    range), else BT.601 limited range, FFmpeg's default.
     """
     space = _SWS_CS_ITU709 if frame.colorspace == _AVCOL_SPC_BT709 else _SWS_CS_ITU601
     src_range = _AVCOL_RANGE_JPEG if frame.color_range == _AVCOL_RANGE_JPEG else _AVCOL_RANGE_MPEG
@@ -198,8 +198,11 @@ def _iter_frames(path, max_frames: int | None) -> Iterator[np.ndarray]:
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
     with _open_container(path) as container:
+        # Single-threaded decoding: with FFmpeg's frame threads running while
+        # frames are converted, later libx264 encodes in this process came out
+        # differently from the same frames (seen 3 in 8 runs; never with one
+        # decoding thread).  Decoding is a small part of a job.
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
         count = 0
         try:
             for frame in container.decode(stream):
