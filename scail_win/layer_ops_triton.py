@@ -14,9 +14,14 @@ import triton.language as tl
 from scail_win.rotary_triton import _on_device
 
 
-def _warps(block: int) -> int:
-    # About 16 elements per thread: a 5120-wide row takes 8 warps.
-    return max(1, min(16, block // 512))
+def _row_launch(x):
+    """(grid, BLOCK, warps): one program per row of a (batch, tokens, n) tensor; None when it is empty."""
+    batch, tokens, n = x.shape
+    if batch * tokens == 0:
+        return None
+    block = triton.next_power_of_2(n)
+    # About 16 elements per thread: a 5120-wide row (8192 lanes) takes 16 warps.
+    return (tokens, batch), block, max(1, min(16, block // 512))
 
 
 @triton.jit
@@ -36,15 +41,15 @@ def _rms_norm_kernel(X, W, OUT, n, eps,
 
 def rms_norm(x, weight, eps, out):
     """out = RMSNorm(x) over the last dim; x and out (batch, tokens, n), unit feature stride."""
-    batch, tokens, n = x.shape
-    if batch * tokens == 0:
+    launch = _row_launch(x)
+    if launch is None:
         return
-    block = triton.next_power_of_2(n)
+    grid, block, warps = launch
     with _on_device(x):
-        _rms_norm_kernel[(tokens, batch)](
-            x, weight if weight is not None else x, out, n, float(eps),
+        _rms_norm_kernel[grid](
+            x, weight if weight is not None else x, out, x.shape[2], float(eps),
             x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=_warps(block),
+            HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=warps,
         )
 
 
@@ -75,17 +80,17 @@ def _layer_norm_modulate_kernel(X, W, B, SHIFT, SCALE, OUT, n, eps,
 
 def layer_norm_modulate(x, weight, bias, eps, shift, one_plus_scale, out):
     """out = LayerNorm(x) * one_plus_scale + shift; modulation tensors (batch or 1, 1, n)."""
-    batch, tokens, n = x.shape
-    if batch * tokens == 0:
+    launch = _row_launch(x)
+    if launch is None:
         return
-    block = triton.next_power_of_2(n)
+    grid, block, warps = launch
     with _on_device(x):
-        _layer_norm_modulate_kernel[(tokens, batch)](
+        _layer_norm_modulate_kernel[grid](
             x, weight if weight is not None else x, bias if bias is not None else x, shift, one_plus_scale, out,
-            n, float(eps), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            x.shape[2], float(eps), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
             shift.stride(0) if shift.shape[0] > 1 else 0,
             one_plus_scale.stride(0) if one_plus_scale.shape[0] > 1 else 0,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=block, num_warps=_warps(block),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=block, num_warps=warps,
             # Each product is rounded before the add, as upstream's separate ops do.
             enable_fp_fusion=False,
         )
