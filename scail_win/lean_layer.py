@@ -33,10 +33,10 @@ LayerNorms, RMSNorms, linears and MLP), so per token the result is what
 upstream computes.  On CUDA with Triton, the qk RMSNorms, the LayerNorm +
 modulate pairs and the gated residual adds run as :mod:`scail_win.layer_ops`'
 fused kernels instead, which round where upstream's ops round (their float32
-sums over a row are ordered differently: last-bit differences).  Bitwise equality holds where the kernels are
-row-independent; a matrix multiply may round a row differently when it has
-a different number of rows (BLAS/cuBLAS pick kernels by shape), which gives
-last-bit differences (see the tests).
+sums over a row are ordered differently: last-bit differences).  Bitwise
+equality holds where the kernels are row-independent; a matrix multiply may
+round a row differently when it has a different number of rows (BLAS/cuBLAS
+pick kernels by shape), which gives last-bit differences (see the tests).
 
 The residual stream is updated in place: the layer's input tensor holds the
 layer's output afterwards (sat's transformer never reads a layer's input

@@ -31,11 +31,6 @@ TRITON_MAX_HEADDIM = 256
 TORCH_CHUNK_ELEMENTS = 1 << 24
 
 
-def requested_backend() -> str:
-    """The backend named by ``SCAIL_WIN_ROTARY`` (auto when unset)."""
-    return BACKEND.requested()
-
-
 def select_backend(x: torch.Tensor, *, headdim: int) -> str:
     """Pick "torch" or "triton" for one call on ``x`` (see kernel_backend.KernelBackend.select).
 

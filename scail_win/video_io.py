@@ -49,8 +49,8 @@ DEFAULT_CRF = 25
 RESIZE_CHUNK = 16
 _EXIF_ORIENTATION = 0x0112
 # FFmpeg's colour enums as frames report them (AVColorSpace, AVColorRange)
-# and as swscale takes them (SWS_CS_*); plain ints, which every PyAV since 12
-# accepts (its enum classes changed between versions).
+# and as swscale takes them (SWS_CS_*); plain ints, which PyAV 13 and 14.1 on
+# accept (its enum classes changed between versions; 14.0.0 rejects ints).
 _AVCOL_SPC_BT709 = 1
 _AVCOL_RANGE_MPEG, _AVCOL_RANGE_JPEG = 1, 2
 _SWS_CS_ITU709, _SWS_CS_ITU601 = 1, 5
