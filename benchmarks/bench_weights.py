@@ -44,8 +44,15 @@ def parse_args(argv):
     p.add_argument("--stages", default="fp8,files")
     p.add_argument("--card", type=float, default=8.0, help="card size (GiB) for the swapped runs")
     p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--file-dtypes", default="bf16,fp8", help="files stage: which files to write and time")
     args = p.parse_args(argv)
     args.stages = args.stages.split(",")
+    args.file_dtypes = args.file_dtypes.split(",")
+    if "bf16" not in args.file_dtypes:
+        p.error("--file-dtypes: bf16 is needed (the resident and pinned rows read it)")
+    unknown = set(args.file_dtypes) - {"bf16", "fp8"}
+    if unknown:
+        p.error(f"--file-dtypes: unknown {', '.join(sorted(unknown))}; choose from bf16, fp8")
     return args
 
 
@@ -110,7 +117,7 @@ def stage_files(args, cfg, res, dit, inputs):
     dev = torch.device("cuda", 0)
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"bf16": folder / "dit-bf16.safetensors", "fp8": folder / "dit-fp8.safetensors"}
+    files = {kind: folder / f"dit-{kind}.safetensors" for kind in args.file_dtypes}
     rows = []
     for kind, path in files.items():
         sec = write_safetensors(dit, path, fp8=(kind == "fp8"))
@@ -193,7 +200,8 @@ def stage_files(args, cfg, res, dit, inputs):
     if "pinned" in args.stages:
         run(f"bf16 pinned {args.card:g}GiB", files["bf16"], "pinned")
     run(f"bf16 stream {args.card:g}GiB", files["bf16"], "stream")
-    run(f"fp8 stream {args.card:g}GiB", files["fp8"], "stream")
+    if "fp8" in files:
+        run(f"fp8 stream {args.card:g}GiB", files["fp8"], "stream")
     bd.table("From safetensors files: build + mmap load + first step", (
         "run", "ready s", "1st step s", "step s", "peak alloc GiB", "RssAnon GiB", "RssFile GiB", "rel err",
         "status"), rows)

@@ -276,6 +276,10 @@ def build(args, model_cls=None):
         device = torch.device("cuda", torch.cuda.current_device())
     load = getattr(args, "load", None)
     layout = weights.ensure_weights(getattr(args, "weights", None) or Path(load).parent) if load else None
+    if layout is not None:
+        from .prefetch import load_order, prefetch_files
+
+        prefetch_files(load_order(layout))  # a no-op for files the CLI queued already
 
     engine = SATVideoDiffusionEngine(args, empty_weights=layout is not None)
     engine.eval()

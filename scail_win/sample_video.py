@@ -364,7 +364,10 @@ def run_jobs(opts: argparse.Namespace, jobs: Sequence[Job]) -> int:
 
 def _run_cli_jobs(opts: argparse.Namespace, jobs: Sequence[Job]) -> List[JobResult]:
     from . import arguments
+    from .prefetch import prefetch_weights
 
+    # Before the imports and set-up below: the weights stream in meanwhile.
+    prefetch_weights(opts.weights)
     args = arguments.args_from_cli(opts)
     model = build_model(args)
     cache = text_cache_for(args, model)

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import string
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
@@ -163,7 +164,18 @@ def _save(obj, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as exc:
+        # A full disk shows up as torch's "unexpected pos" RuntimeError.
+        from .errors import UserError
+        from .weights import human_bytes
+
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot write {path}: {reason} ({human_bytes(free)} free on its disk); "
+                        "free some space and run again") from None
     os.replace(tmp, path)
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image, UnidentifiedImageError
 
 from scail_win.errors import UserError
@@ -54,28 +55,39 @@ _EXIF_ORIENTATION = 0x0112
 _AVCOL_SPC_BT709 = 1
 _AVCOL_RANGE_MPEG, _AVCOL_RANGE_JPEG = 1, 2
 _SWS_CS_ITU709, _SWS_CS_ITU601 = 1, 5
+# One scaling thread where PyAV (17 on) can thread swscale: the result then
+# cannot depend on the machine's core count.
+_SWS_THREADS = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
 
 
-def _frame_to_rgb(frame: "av.VideoFrame") -> np.ndarray:
+def _frame_to_rgb(frame: "av.VideoFrame", reformatter: VideoReformatter) -> np.ndarray:
     """H x W x 3 RGB24 of a decoded frame, its colour conversion stated in full.
 
     Left to PyAV's defaults (matrix and range unspecified), conversions in
     one process came out differently depending on what had been decoded and
     encoded before (seen in interleaved writes and reads of the same frames).
     The frame's own matrix and range where it states them (BT.709, full
-    range), else BT.601 limited range, FFmpeg's default.
+    range), else BT.601 limited range, FFmpeg's default.  ``reformatter``
+    belongs to one file's reads: ``VideoFrame.reformat`` shares one scaler
+    per thread from PyAV 19 on, and a scaler that went back and forth
+    between reads and writes gave the same frames different bytes.
     """
     space = _SWS_CS_ITU709 if frame.colorspace == _AVCOL_SPC_BT709 else _SWS_CS_ITU601
     src_range = _AVCOL_RANGE_JPEG if frame.color_range == _AVCOL_RANGE_JPEG else _AVCOL_RANGE_MPEG
-    return frame.reformat(format="rgb24", src_colorspace=space, dst_colorspace=space,
-                          src_color_range=src_range, dst_color_range=_AVCOL_RANGE_JPEG).to_ndarray()
+    return reformatter.reformat(frame, format="rgb24", src_colorspace=space, dst_colorspace=space,
+                                src_color_range=src_range, dst_color_range=_AVCOL_RANGE_JPEG,
+                                **_SWS_THREADS).to_ndarray()
 
 
-def _rgb_to_yuv420(pixels: np.ndarray) -> "av.VideoFrame":
-    """A yuv420p frame of RGB24 ``pixels``: BT.601 limited range (FFmpeg's and imageio's default), stated in full."""
+def _rgb_to_yuv420(pixels: np.ndarray, reformatter: VideoReformatter) -> "av.VideoFrame":
+    """A yuv420p frame of RGB24 ``pixels``: BT.601 limited range (FFmpeg's and imageio's default), stated in full.
+
+    ``reformatter`` belongs to one file's writes (see :func:`_frame_to_rgb`).
+    """
     rgb = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-    return rgb.reformat(format="yuv420p", src_colorspace=_SWS_CS_ITU601, dst_colorspace=_SWS_CS_ITU601,
-                        src_color_range=_AVCOL_RANGE_JPEG, dst_color_range=_AVCOL_RANGE_MPEG)
+    return reformatter.reformat(rgb, format="yuv420p", src_colorspace=_SWS_CS_ITU601,
+                                dst_colorspace=_SWS_CS_ITU601, src_color_range=_AVCOL_RANGE_JPEG,
+                                dst_color_range=_AVCOL_RANGE_MPEG, **_SWS_THREADS)
 
 
 @dataclass(frozen=True)
@@ -203,10 +215,11 @@ def _iter_frames(path, max_frames: int | None) -> Iterator[np.ndarray]:
         # differently from the same frames (seen 3 in 8 runs; never with one
         # decoding thread).  Decoding is a small part of a job.
         stream = container.streams.video[0]
+        reformatter = VideoReformatter()
         count = 0
         try:
             for frame in container.decode(stream):
-                yield _frame_to_rgb(frame)
+                yield _frame_to_rgb(frame, reformatter)
                 count += 1
                 if max_frames is not None and count >= max_frames:
                     return
@@ -421,8 +434,9 @@ def _encode(frames: np.ndarray, target: str, rate: Fraction, crf: int) -> None:
         stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf)})
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
+        reformatter = VideoReformatter()
         for index, pixels in enumerate(frames):
-            frame = _rgb_to_yuv420(pixels)
+            frame = _rgb_to_yuv420(pixels, reformatter)
             frame.pts = index
             container.mux(stream.encode(frame))
         container.mux(stream.encode())

@@ -81,7 +81,7 @@ def main(scail_root: Path, setup_dir: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from sgm.modules.diffusionmodules.sampling import RFSampler
 
-    from scail_win import arguments, resume, sample_video, smoke
+    from scail_win import arguments, prefetch, resume, sample_video, smoke
     from scail_win.embed_cache import EmbedCache
     from scail_win.jobs import Job, validate_job
 
@@ -93,6 +93,8 @@ def main(scail_root: Path, setup_dir: Path, out: Path) -> None:
     setup = smoke.make_smoke_setup(setup_dir, height=SIZE[0], width=SIZE[1], frames=FRAMES)
     args = arguments.get_args(["--base", str(setup.config), "--rope-mode", "exact"])
     model = sample_video.build_model(args)
+    report["build_log"] = records.take()
+    report["prefetched"] = sorted(str(path) for path in prefetch._started)
     job = validate_job(Job(prompt=smoke.SMOKE_PROMPT, input_dir=setup.example), resolution=SIZE,
                        max_frames=FRAMES, output_dir=out / "samples")
     cache = sample_video.TextEmbeddingCache(EmbedCache(out / "cache"),
