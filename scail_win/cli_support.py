@@ -6,6 +6,7 @@ with the traceback only under ``--debug``.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable
@@ -13,6 +14,15 @@ from typing import Callable
 from .errors import UserError
 
 log = logging.getLogger("scail_win")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults, but not the empty ones (None, False) that say nothing."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def setup_logging(quiet: bool = False, debug: bool = False) -> None:

@@ -316,8 +316,10 @@ def convert_folder(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from scail_win.cli_support import HelpFormatter
+
     p = argparse.ArgumentParser(
-        prog="scail-win convert",
+        prog="scail-win convert", formatter_class=HelpFormatter,
         description="Convert a SCAIL-Preview folder (sat .pt checkpoint, T5, CLIP and VAE .pth) into "
                     "memory-mappable safetensors files plus the tokenizer, in a folder scail-win loads "
                     "directly. Interrupted? Run the same command again: finished files are kept.",
@@ -336,25 +338,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how much of a source file is mapped at a time; resident memory stays near this "
                         "plus the largest tensor")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("--debug", action="store_true", help="debug logging, and tracebacks on errors")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scail_win.cli_support import run_cli, setup_logging
+
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        manifest = convert_folder(args.src, args.dst, dtype=args.dtype, trust_pickle=args.trust_pickle,
-                                  window_mb=args.window_mb, progress=not args.no_progress)
-    except UserError as e:
-        log.error("%s", e)
-        return e.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted; finished files are kept: run the same command again to resume")
-        return 130
-    total = sum(e["size"] for e in json.loads(manifest.read_text(encoding="utf-8"))["files"].values())
-    print(f"converted {args.src} -> {args.dst} ({human_bytes(total)}, DiT in {args.dtype})")
-    return 0
+    setup_logging(quiet=args.quiet, debug=args.debug)
+
+    def body() -> int:
+        try:
+            manifest = convert_folder(args.src, args.dst, dtype=args.dtype, trust_pickle=args.trust_pickle,
+                                      window_mb=args.window_mb, progress=not args.no_progress)
+        except KeyboardInterrupt:
+            log.error("interrupted; finished files are kept: run the same command again to resume")
+            return 130
+        total = sum(e["size"] for e in json.loads(manifest.read_text(encoding="utf-8"))["files"].values())
+        print(f"converted {args.src} -> {args.dst} ({human_bytes(total)}, DiT in {args.dtype})")
+        return 0
+
+    return run_cli(body, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, List, Optional
 
+from .cli_support import HelpFormatter, run_cli, setup_logging
 from .errors import UserError
 from .sample_video import DEFAULT_SAVE_EVERY
 from .jobs import (Job, ModelLimits, check_resolution, config_resolution, interactive_jobs,
@@ -34,15 +35,6 @@ DEFAULT_CFG_SCALE = 4.0
 
 
 # -- option parsing ------------------------------------------------------------------
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults, but not the empty ones (None, False) that say nothing."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "%(default)" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def _positive_int(text: str) -> int:
@@ -106,7 +98,7 @@ def parse_resolution(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scail-win sample",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         description="Animate a reference image with a rendered pose video (SCAIL).\n\n"
                     "Each example folder holds ref.jpg|png and rendered.mp4 (or rendered_aligned.mp4).\n"
                     "The video goes to OUTPUT_DIR/<folder>/<folder>_output_000000.mp4 at the pose\n"
@@ -261,9 +253,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
     check_combinations(parser, opts)
-
-    from .cli_support import run_cli, setup_logging
-
     setup_logging(quiet=opts.quiet, debug=opts.debug)
 
     def body() -> int:

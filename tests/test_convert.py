@@ -107,17 +107,30 @@ def test_resume_redoes_only_bad_files_and_dtype_changes(tmp_path):
     assert (dst / "clip.safetensors").stat().st_mtime_ns == stamp["clip.safetensors"]
 
 
-def test_refuses_foreign_destination_and_bad_options(tmp_path, caplog):
+def test_refuses_foreign_destination_and_bad_options(tmp_path, capsys):
     src, _ = make_scail_folder(tmp_path / "src")
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "holiday.jpg").write_bytes(b"precious")
-    assert convert.main([str(src), str(dst), "--no-progress"]) == 2
-    assert "already holds other files (holiday.jpg)" in caplog.text
+    assert convert.main([str(src), str(dst), "--no-progress", "--quiet"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: ") and "already holds other files (holiday.jpg)" in last
     assert sorted(p.name for p in dst.iterdir()) == ["holiday.jpg"]
-    assert convert.main([str(src), str(src), "--no-progress"]) == 2
-    assert convert.main([str(src), str(tmp_path / "d2"), "--window-mb", "0"]) == 2
-    assert "--window-mb 0" in caplog.text
+    assert convert.main([str(src), str(src), "--no-progress", "--quiet"]) == 2
+    assert convert.main([str(src), str(tmp_path / "d2"), "--window-mb", "0", "--quiet"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: --window-mb 0")
+
+
+def test_a_bug_is_one_line_unless_debug(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(convert, "convert_folder", broken)
+    assert convert.main([str(tmp_path / "src"), str(tmp_path / "dst")]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: ZeroDivisionError: division by zero (rerun with --debug for the traceback)\n"
+    assert convert.main([str(tmp_path / "src"), str(tmp_path / "dst"), "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_cli_reports_every_broken_source_file_without_traceback(tmp_path):
