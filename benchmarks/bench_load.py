@@ -8,9 +8,9 @@ Paths, each timed in a fresh Python process on the same checkpoint files:
             into RAM, load_state_dict(strict=False).
   ours      build on the meta device (no init, no memory), then
             scail_win.weights.load_into from the converted dit.safetensors,
-            memory-mapped and file-backed, then placed the way
-            ``scail_win.sample`` places it (memory plan, lean layers, moved
-            to the GPU when it stays resident).
+            memory-mapped, each tensor put where scail_win.model_loader
+            puts it (the GPU when the memory plan keeps the DiT there, else
+            file-backed on the CPU), then lean layers as the plan says.
   ours-pt   the same from the original .pt (memory-mapped, weights_only).
   ours-noprefetch  ours with SCAIL_WIN_PREFETCH=0: no background read of
             the file into the OS cache while the process starts
@@ -308,14 +308,22 @@ def _step_size(text: str) -> tuple[int, int, int]:
     return h, w, f
 
 
-def _place_ours(dit: nn.Module, args, device: torch.device):
-    """Memory plan, lean layers and the move to the GPU, as scail_win.model_loader.build does."""
-    from scail_win.model_loader import _SplitCFG, make_plan, place_dit
+def _plan_ours(dit: nn.Module, args, device: torch.device):
+    """The memory plan scail_win.model_loader.build makes for this size (None off CUDA)."""
+    from scail_win.model_loader import make_plan
+
+    if device.type != "cuda":
+        return None
+    h, w, f = args.first_step or (512, 896, 81)
+    return make_plan(argparse.Namespace(sampling_image_size=(h, w), max_frames=f), dit, device)
+
+
+def _place_ours(dit: nn.Module, plan, device: torch.device):
+    """Lean layers, and the GPU for what is not there yet, as scail_win.model_loader.build does."""
+    from scail_win.model_loader import _SplitCFG, place_dit
 
     if device.type != "cuda":
         return dit, None
-    h, w, f = args.first_step or (512, 896, 81)
-    plan = make_plan(argparse.Namespace(sampling_image_size=(h, w), max_frames=f), dit, device)
     placement = place_dit(dit, plan, device)
     if placement.swap is None:
         dit.to(device)
@@ -363,15 +371,21 @@ def child(args) -> None:
     else:
         dit = model.ours()
         t["built"] = time.time()
-        # CPU placement keeps bf16 tensors file-backed; the plan then moves them (scail_win.sample's order).
-        place = "cpu" if model.first_step else device
+        plan = None
+        place = device
+        if model.first_step:
+            from scail_win.model_loader import dit_load_device
+
+            # Where scail_win.model_loader.build puts the tensors: the GPU when the DiT stays there.
+            plan = _plan_ours(dit, args, device)
+            place = dit_load_device(plan, device)
         dtype = None if args.keep_fp8 else torch.bfloat16
         result = W.load_into(dit, src, prefix=args.prefix, placement=place, dtype=dtype, keep_fp8=args.keep_fp8)
         if result.meta_left:
             raise SystemExit(f"{args.child}: {len(result.meta_left)} tensors left on meta (first {result.meta_left[0]})")
         t["read"] = time.time()
         if model.first_step:
-            dit, split_cfg = _place_ours(dit, args, device)
+            dit, split_cfg = _place_ours(dit, plan, device)
     dit.eval()
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -295,8 +295,8 @@ def build(args, model_cls=None):
         source = weights.open_state_dict(layout.dit)
         swapped = _swapped_names(dit, plan) if fp8 else set()
         log.info("reading the DiT weights from %s", layout.dit)
-        result = weights.load_into(dit, source, prefix=DIT_PREFIX, placement="cpu", dtype=engine.dtype,
-                                   keep_fp8=lambda name: name in swapped, strict=False)
+        result = weights.load_into(dit, source, prefix=DIT_PREFIX, placement=dit_load_device(plan, device),
+                                   dtype=engine.dtype, keep_fp8=lambda name: name in swapped, strict=False)
         if result.meta_left:
             raise UserError(f"{layout.dit} lacks {len(result.meta_left)} DiT tensors "
                             f"(first: {DIT_PREFIX}{result.meta_left[0]}); is it a SCAIL-Preview checkpoint?")
@@ -306,6 +306,20 @@ def build(args, model_cls=None):
     weight_source = weights.CheckpointWeights(source, prefix=DIT_PREFIX, dtype=engine.dtype) if fp8 else None
     apply_memory_plan(engine, plan, device, weight_source)
     return engine
+
+
+def dit_load_device(plan, device: torch.device):
+    """Where the loader puts the DiT's tensors: where they will live.
+
+    The GPU when the DiT stays there from the start (everything else in
+    :func:`apply_memory_plan` would move it there at once): fp8 weights are
+    then upcast on the GPU, and no copy is made in RAM. Otherwise the CPU,
+    where bf16 tensors stay file-backed until a phase or the block swap
+    takes them.
+    """
+    if device.type == "cuda" and (plan is None or "denoise" in plan.resident_phases):
+        return device
+    return "cpu"
 
 
 def _swapped_names(dit: nn.Module, plan) -> set:

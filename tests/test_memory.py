@@ -207,6 +207,24 @@ class Wrapper(nn.Module):
         return x * t[:, None] + c["crossattn"].sum(1) + ref * kwargs["scale"] + kwargs["extra"]
 
 
+def test_the_dit_is_loaded_where_the_plan_keeps_it():
+    from scail_win.model_loader import dit_load_device
+
+    parts, dit = specs()
+    cuda = torch.device("cuda", 0)
+    resident = plan_memory(dit, total_vram_bytes=141 * GiB, **parts)
+    swapped = plan_memory(dit, total_vram_bytes=8 * GiB, **parts)
+    assert dit_load_device(resident, cuda) == cuda
+    assert dit_load_device(None, cuda) == cuda  # --offload none: upstream moves everything
+    assert dit_load_device(swapped, cuda) == "cpu"
+    assert dit_load_device(None, torch.device("cpu")) == "cpu"
+    # All layers fit, but not beside umT5: the DiT waits in RAM for its phase.
+    _, short = specs(256, 448, 17)
+    between = plan_memory(short, budget_gb=(dit_fixed_bytes(short, 40, 0, 2) + 4 * GiB) / GiB, **parts)
+    assert between.blocks_on_gpu == 40 and between.resident_phases == ()
+    assert dit_load_device(between, cuda) == "cpu"
+
+
 def test_split_cfg_runs_the_halves_in_turn_with_the_same_result():
     from scail_win.model_loader import _SplitCFG
 
