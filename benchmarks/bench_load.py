@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -215,12 +214,13 @@ def _model(args):
 
 def _mem() -> dict:
     """Peak and current resident memory of this process in GiB (Linux), else empty."""
+    import bench_dit as bd
+
     try:
-        status = Path("/proc/self/status").read_text()
+        status = bd.host_memory()
     except OSError:
         return {}
-    get = lambda k: int(re.search(rf"{k}:\s+(\d+)", status).group(1)) * 1024 / GIB  # noqa: E731
-    return {"peak_rss_gib": get("VmHWM"), "rss_anon_gib": get("RssAnon"), "rss_file_gib": get("RssFile")}
+    return {"peak_rss_gib": status["VmHWM"], "rss_anon_gib": status["RssAnon"], "rss_file_gib": status["RssFile"]}
 
 
 def _drop_caches() -> bool:

@@ -1,6 +1,7 @@
 """How much RAM and page file (swap) this machine has; Windows and Linux.
 
-Shared by the model loader (the automatic ``--ram-budget``) and ``doctor``.
+Shared by the model loader (the automatic ``--ram-budget``), the weights
+prefetch and ``doctor``.
 Standard library only.
 """
 from __future__ import annotations
@@ -51,3 +52,9 @@ def memory_info() -> dict[str, int] | None:
         return {"ram_total": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def available_ram() -> int | None:
+    """Host RAM available now in bytes, or None when the platform does not say."""
+    info = memory_info()
+    return info.get("ram_available") if info else None

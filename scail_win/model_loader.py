@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator
 
 import torch
 from torch import nn
@@ -125,14 +125,6 @@ def _component_files(model_config, layout) -> Dict[str, Path]:
 # -- the memory plan ----------------------------------------------------------------
 
 
-def _host_ram_bytes() -> Optional[int]:
-    """Available host RAM in bytes, or None when the platform does not say."""
-    from .host_memory import memory_info
-
-    info = memory_info()
-    return info.get("ram_available") if info else None
-
-
 def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: int = 2):
     """The memory plan for ``dit`` on ``device``, or None when nothing needs planning.
 
@@ -141,6 +133,7 @@ def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: 
     ``max_frames``) is what the plan must fit.
     """
     from . import memory, offload
+    from .host_memory import available_ram
 
     if device.type != "cuda" or getattr(args, "offload", "auto") == "none":
         return None
@@ -158,7 +151,7 @@ def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: 
     if getattr(args, "t5_cpu", False):
         t5_spec = None
     ram = getattr(args, "ram_budget", None)
-    host = int(ram * GiB) if ram else _host_ram_bytes()
+    host = int(ram * GiB) if ram else available_ram()
     plan = memory.plan_memory(dit_spec, total_vram_bytes=total, budget_gb=budget, t5=t5_spec,
                               clip=clip_spec, vae=vae_spec, blocks_on_gpu=getattr(args, "blocks_on_gpu", None),
                               host_ram_bytes=host)

@@ -76,13 +76,6 @@ class Prefetch:
         self._thread.join()
 
 
-def _available_ram() -> Optional[int]:
-    from .host_memory import memory_info
-
-    info = memory_info()
-    return info.get("ram_available") if info else None
-
-
 def prefetch_files(paths: Iterable, *, available: Optional[int] = None) -> Optional[Prefetch]:
     """Start reading ``paths`` (in this order) into the file cache; None when there is nothing to read.
 
@@ -93,7 +86,9 @@ def prefetch_files(paths: Iterable, *, available: Optional[int] = None) -> Optio
     if disabled_by_env():
         return None
     if available is None:
-        available = _available_ram()
+        from .host_memory import available_ram
+
+        available = available_ram()
     if not available:
         return None
     budget = int(available * RAM_SHARE)
