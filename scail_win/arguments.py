@@ -142,6 +142,47 @@ def _optional_dir(value) -> Optional[str]:
     return None if _is_auto(value) else str(value)
 
 
+def _shift(value) -> Optional[float]:
+    if _is_auto(value):
+        return None
+    if isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {value!r}")
+    return number
+
+
+def _threshold(value) -> float:
+    """A step-cache threshold: 0 (or off/none) turns the cache off."""
+    if _is_auto(value) or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return 0.0
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a threshold such as 0.1, or 0/off, got {value!r}") from None
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"expected a threshold of 0 or more, got {value!r}")
+    return number
+
+
+def _lora_list(value) -> list:
+    """A config's ``lora:`` (one ``FILE[:STRENGTH]`` string or a list of them)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise argparse.ArgumentTypeError(f"expected FILE[:STRENGTH] or a list of them, got {value!r}")
+
+
+SAMPLER_CHOICES = ("euler", "unipc", "dpmpp_2m")
+ATTENTION_CHOICES = ("auto", "sdpa", "flash", "sage")
+
 # dest -> converter applied to the flag's text and to the config's value.
 _SCAIL_WIN_TYPES = {
     "weights": _optional_dir,
@@ -153,6 +194,12 @@ _SCAIL_WIN_TYPES = {
     "rope_mode": _choice("exact", "fp32"),
     "embed_cache": _optional_dir,
     "offload": _choice("auto", "none"),
+    "sampler": _choice(*SAMPLER_CHOICES),
+    "shift": _shift,
+    "lora": _lora_list,
+    "attention": _choice(*ATTENTION_CHOICES),
+    "fp8_matmul": _bool,
+    "step_cache": _threshold,
 }
 
 
@@ -257,6 +304,25 @@ def add_scail_win_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--offload", type=_SCAIL_WIN_TYPES["offload"], default="auto", metavar="{auto,none}",
                        help="auto: place weights on GPU/CPU from the budgets, all resident when they fit; "
                             "none: keep components where upstream puts them (default: auto)")
+    group.add_argument("--sampler", type=_SCAIL_WIN_TYPES["sampler"], default="euler",
+                       metavar="{" + ",".join(SAMPLER_CHOICES) + "}",
+                       help="ODE solver: euler is upstream's (bit for bit); unipc and dpmpp_2m reach "
+                            "euler-50 quality in about 20-25 steps (default: euler)")
+    group.add_argument("--shift", type=_shift, default=None, metavar="S",
+                       help="sigma schedule shift (default: the config's shift_scale, 5)")
+    group.add_argument("--lora", type=str, action="append", default=None, metavar="FILE[:STRENGTH]",
+                       help="merge a LoRA (safetensors; diffusers, kohya/ComfyUI or diff naming) into the "
+                            "DiT at load; repeat for several (default strength 1)")
+    group.add_argument("--attention", type=_SCAIL_WIN_TYPES["attention"], default="auto",
+                       metavar="{" + ",".join(ATTENTION_CHOICES) + "}",
+                       help="attention kernel: auto picks SageAttention or flash-attn where installed and "
+                            "working, else PyTorch SDPA (default: auto)")
+    group.add_argument("--fp8-matmul", action=argparse.BooleanOptionalAction, default=False,
+                       help="with fp8 weights on a GPU with fp8 tensor cores (RTX 40xx+, sm 8.9+), multiply "
+                            "in fp8 instead of upcasting the weights (faster, slightly less exact)")
+    group.add_argument("--step-cache", type=_threshold, default=0.0, metavar="THRESHOLD",
+                       help="reuse the DiT's work on steps whose first block changes less than THRESHOLD "
+                            "(relative); 0 turns it off; about 0.05-0.1 is a usual setting (default: 0)")
     return parser
 
 
@@ -819,12 +885,16 @@ def args_from_cli(opts: argparse.Namespace) -> argparse.Namespace:
     for flag, key in (("--vram-budget", "vram_budget"), ("--blocks-on-gpu", "blocks_on_gpu"),
                       ("--ram-budget", "ram_budget"), ("--vae-tiling", "vae_tiling"),
                       ("--rope-mode", "rope_mode"), ("--embed-cache", "embed_cache"),
-                      ("--offload", "offload")):
+                      ("--offload", "offload"), ("--sampler", "sampler"), ("--shift", "shift"),
+                      ("--attention", "attention"), ("--step-cache", "step_cache")):
         value = getattr(opts, key, None)
         if value is not None:
             args_list += [flag, str(value)]
-    if getattr(opts, "t5_cpu", False):
-        args_list.append("--t5-cpu")
+    for spec in getattr(opts, "lora", None) or []:
+        args_list += ["--lora", str(spec)]
+    for flag, key in (("--t5-cpu", "t5_cpu"), ("--fp8-matmul", "fp8_matmul")):
+        if getattr(opts, key, False):
+            args_list.append(flag)
     args = get_args(args_list)
     sampler = args.model_config.sampler_config.params
     if getattr(opts, "steps", None) is not None:

@@ -432,17 +432,36 @@ class SATVideoDiffusionEngine(nn.Module):
         x, s_in, sigmas, num_sigmas, cond, uc, *_ = self.sampler.prepare_sampling_loop(x, cond, uc)
         return x, s_in, sigmas, cond, uc
 
+    def sampling_settings(self) -> Tuple[str, Optional[float]]:
+        """The solver name and schedule shift this run asked for (``args.sampler``, ``args.shift``)."""
+        return getattr(self.args, "sampler", None) or "euler", getattr(self.args, "shift", None)
+
+    def _schedule(self, sigmas: torch.Tensor, shift: Optional[float]) -> torch.Tensor:
+        """Upstream's sigmas, or the same shifted schedule with another ``shift``."""
+        if shift is None:
+            return sigmas
+        from .samplers import flow_sigmas
+        return flow_sigmas(len(sigmas) - 1, shift).to(sigmas.device)
+
     @torch.no_grad()
     def sample(self, cond: Dict, uc: Union[Dict, None] = None, batch_size: int = 16,
                shape: Union[None, Tuple, List] = None, prefix=None, concat_images=None,
                ofs=None, fps=None, tile_indices=None, *, start_step: int = 0,
-               start_latents: Optional[torch.Tensor] = None,
-               step_callback: Optional[Callable[[int, int, torch.Tensor], None]] = None, **kwargs):
+               start_latents: Optional[torch.Tensor] = None, solver_state: Optional[Dict] = None,
+               step_callback: Optional[Callable] = None, **kwargs):
         """Denoise from noise (or from ``start_latents`` at ``start_step``).
 
-        Each step is upstream's own ``sampler_step``; ``step_callback(i, n,
-        x)`` runs after step ``i`` of ``n`` (progress, checkpoints).
+        With ``args.sampler`` euler (the default) and guidance above 1, each
+        step is upstream's own ``sampler_step``. Otherwise the velocity comes
+        from upstream's ``denoise`` (CFG through its guider) -- or, at
+        guidance 1, from the conditional pass alone (the guided result is
+        then the conditional one: half the work) -- and the chosen
+        :mod:`scail_win.samplers` solver takes the step. ``solver_state``
+        restores a multistep solver's history on resume.
+        ``step_callback(i, n, x, solver)`` runs after step ``i`` of ``n``.
         """
+        from . import samplers
+
         if tile_indices is not None:
             raise NotImplementedError("tiled long-video sampling (RFSamplerLong) is not supported")
         randn = self.initial_noise(batch_size, shape)
@@ -458,18 +477,42 @@ class SATVideoDiffusionEngine(nn.Module):
                                  chunk_dim=chunk_dim, **extra)
 
         x, s_in, sigmas, cond, uc = self.sigmas(randn, cond, uc)
+        name, shift = self.sampling_settings()
+        sigmas = self._schedule(sigmas, shift)
         if start_latents is not None:
             x = start_latents.to(device=x.device, dtype=x.dtype)
         n = len(sigmas) - 1
+        scale = float(self.sampler.guider.scale)
+        cond_only = scale == 1.0 and not getattr(self.sampler, "distill", False)
+        upstream_steps = name == "euler" and not cond_only
+        solver = samplers.make_solver(name, sigmas)
+        if solver_state:
+            solver.load_state_dict(solver_state)
+        cache = getattr(self, "step_cache", None)
         with self.phase("denoise"):
             for i in range(start_step, n):
-                x = self.sampler.sampler_step(s_in * sigmas[i], s_in * sigmas[i + 1], denoiser, x, cond, uc)
+                if cache is not None:
+                    cache.begin_step(i, n)
+                sigma, next_sigma = s_in * sigmas[i], s_in * sigmas[i + 1]
+                if upstream_steps:
+                    x = self.sampler.sampler_step(sigma, next_sigma, denoiser, x, cond, uc)
+                else:
+                    x = solver.step(i, x, self._velocity(x, sigma, denoiser, cond, uc, scale, cond_only))
                 if step_callback is not None:
-                    step_callback(i, n, x)
+                    step_callback(i, n, x, solver)
+        if cache is not None:
+            log.info("%s", cache.summary())
         samples = x.to(self.dtype)
         if sp_size > 1:
             samples = self._gather_from_sequence_parallel(samples, chunk_dim, sp_size)
         return samples
+
+    def _velocity(self, x, sigma, denoiser, cond, uc, scale: float, cond_only: bool) -> torch.Tensor:
+        """The guided velocity at ``sigma`` in float32, as upstream's sampler computes it."""
+        if cond_only:
+            # Upstream's own distill path: the conditional batch alone.
+            return denoiser(x, sigma, cond, cfg_scale=scale).to(torch.float32)
+        return self.sampler.denoise(x, denoiser, sigma, cond, uc).to(torch.float32)
 
     def _scatter_for_sequence_parallel(self, randn, shape, cond, uc, sp_size):
         """Multi-process path: upstream's broadcast of the noise and split of the inputs."""

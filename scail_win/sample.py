@@ -22,6 +22,7 @@ from typing import Iterable, List, Optional
 
 from .cli_support import HelpFormatter, run_cli, setup_logging
 from .errors import UserError
+from .arguments import ATTENTION_CHOICES, SAMPLER_CHOICES
 from .sample_video import DEFAULT_SAVE_EVERY
 from .jobs import (Job, ModelLimits, check_resolution, config_resolution, interactive_jobs,
                    read_input_file, resolve_max_frames, validate_job, validate_jobs)
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 DEFAULT_SEED = 1234  # sat's --seed default, which upstream's parser inherits
 DEFAULT_STEPS = 50
 DEFAULT_CFG_SCALE = 4.0
+# Step-distill LoRAs for Wan2.1-14B (e.g. LightX2V's) are trained for 4 steps at guidance 1.
+FAST_STEPS = 4
 
 
 # -- option parsing ------------------------------------------------------------------
@@ -135,9 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
                                "SCAIL_WEIGHTS environment variable, else ./SCAIL-Preview)")
     sampling.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed")
     sampling.add_argument("--steps", type=_positive_int,
-                          help=f"denoising steps, {SMOKE_STEPS} with --smoke (default: {DEFAULT_STEPS})")
-    sampling.add_argument("--cfg-scale", type=_non_negative_number, default=DEFAULT_CFG_SCALE,
-                          metavar="SCALE", help="classifier-free guidance scale")
+                          help=f"denoising steps (default: {DEFAULT_STEPS}; {FAST_STEPS} with --fast, "
+                               f"{SMOKE_STEPS} with --smoke)")
+    sampling.add_argument("--cfg-scale", type=_non_negative_number, metavar="SCALE",
+                          help=f"classifier-free guidance scale; 1 skips the unconditional pass, half the work "
+                               f"(default: {DEFAULT_CFG_SCALE:g}; 1 with --fast)")
+    sampling.add_argument("--sampler", choices=SAMPLER_CHOICES, default="euler",
+                          help="ODE solver: euler is upstream's, bit for bit; unipc and dpmpp_2m are "
+                               "higher-order flow solvers for 20-30 steps")
+    sampling.add_argument("--shift", type=_positive_number, metavar="S",
+                          help="sigma schedule shift (default: the config's, 5)")
+    sampling.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
+                          help="merge a LoRA (.safetensors) into the DiT as it loads; repeat for several "
+                               "(strength default 1)")
+    sampling.add_argument("--fast", action="store_true",
+                          help=f"preset for a step-distill LoRA (give it with --lora): {FAST_STEPS} steps at "
+                               "guidance 1 unless --steps/--cfg-scale say otherwise")
     sampling.add_argument("--resolution", type=parse_resolution, metavar="HxW",
                           help="size for landscape references, swapped for portrait or square ones "
                                "(default: the config's, 512x896)")
@@ -159,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--rope-mode", choices=("fp32", "exact"), default="fp32",
                        help="3D RoPE arithmetic: fp32 rounds once; exact reproduces upstream's bf16 "
                             "rounding bit for bit")
+    speed.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
+                       help="attention kernel: auto takes SageAttention or flash-attn where installed and "
+                            "working, else PyTorch's SDPA")
+    speed.add_argument("--fp8-matmul", action="store_true",
+                       help="with fp8 weights (convert --dtype fp8_e4m3fn) on a GPU with fp8 tensor cores "
+                            "(sm 8.9+: RTX 40xx and newer), multiply in fp8 instead of upcasting")
+    speed.add_argument("--step-cache", type=_non_negative_number, default=0.0, metavar="THRESHOLD",
+                       help="skip the DiT's blocks on steps whose first block changes less than THRESHOLD "
+                            "(relative L1; about 0.05-0.1); 0 is off")
     speed.add_argument("--embed-cache", metavar="DIR",
                        help="folder for cached text embeddings ('off' disables the cache; "
                             "default: scail-win's per-user cache folder)")
@@ -220,7 +245,12 @@ def prepare(opts: argparse.Namespace) -> Iterable[Job]:
     check_resolution(resolution, limits, "--resolution" if opts.resolution else "the config's sampling_image_size")
     opts.resolution = resolution
     opts.max_frames = resolve_max_frames(opts.max_frames, limits)
-    opts.steps = opts.steps or (SMOKE_STEPS if opts.smoke else DEFAULT_STEPS)
+    opts.steps = opts.steps or (SMOKE_STEPS if opts.smoke else FAST_STEPS if opts.fast else DEFAULT_STEPS)
+    if opts.cfg_scale is None:
+        opts.cfg_scale = 1.0 if opts.fast else DEFAULT_CFG_SCALE
+    if opts.fast and not opts.lora:
+        log.warning("--fast without --lora: %d steps without a step-distill LoRA give a blurred video",
+                    opts.steps)
     opts.weights = Path(config.args.weights)
     settings = dict(resolution=resolution, max_frames=opts.max_frames, limits=limits, output_dir=opts.output_dir)
 

@@ -198,14 +198,14 @@ def denoise(model, cond: Conditioning, args, state_file: Optional[Path], job_fin
     from tqdm import tqdm
     from . import resume as resume_mod
 
-    start_step, start_latents = 0, None
+    start_step, start_latents, solver_state = 0, None, None
     if resume and state_file is not None:
         state = resume_mod.load_state(state_file, job_fingerprint)
         if state is not None:
-            start_step, start_latents = state.step, state.latents
+            start_step, start_latents, solver_state = state.step, state.latents, state.solver_state
             torch.set_rng_state(state.cpu_rng)
             log.info("resuming at step %d of %d from %s", state.step, state.total_steps, state_file)
-    latest = {"step": start_step, "x": start_latents}
+    latest = {"step": start_step, "x": start_latents, "solver": None}
     steps = int(getattr(model.sampler, "num_steps", 0) or 0)
     bar = tqdm(total=steps, initial=start_step, desc="denoising", unit="step",
                disable=getattr(args, "quiet", False))
@@ -214,22 +214,25 @@ def denoise(model, cond: Conditioning, args, state_file: Optional[Path], job_fin
     # (the next job's noise) is drawn as in an uninterrupted run.
     rng_at_start = torch.get_rng_state()
 
-    def on_step(i, n, x):
-        latest["step"], latest["x"] = i + 1, x
+    def on_step(i, n, x, solver):
+        latest["step"], latest["x"], latest["solver"] = i + 1, x, solver
         bar.update(1)
         if state_file is not None and save_every and (i + 1) % save_every == 0 and i + 1 < n:
-            resume_mod.save_state(state_file, resume_mod.ResumeState(i + 1, n, x, rng_at_start, job_fingerprint))
+            resume_mod.save_state(state_file, resume_mod.ResumeState(
+                i + 1, n, x, rng_at_start, job_fingerprint, solver_state=solver.state_dict()))
 
     try:
         samples = model.sample(cond.c, uc=cond.uc, batch_size=1, shape=cond.shape,
                                ofs=torch.tensor([2.0]).to(model.compute_device),
                                fps=torch.tensor([getattr(args, "sampling_fps", 16)]).to(model.compute_device),
-                               start_step=start_step, start_latents=start_latents, step_callback=on_step)
+                               start_step=start_step, start_latents=start_latents, solver_state=solver_state,
+                               step_callback=on_step)
     except KeyboardInterrupt:
         bar.close()
         if state_file is not None and latest["x"] is not None and latest["step"] > start_step:
             resume_mod.save_state(state_file, resume_mod.ResumeState(
-                latest["step"], steps, latest["x"], rng_at_start, job_fingerprint))
+                latest["step"], steps, latest["x"], rng_at_start, job_fingerprint,
+                solver_state=latest["solver"].state_dict()))
             log.warning("stopped after step %d of %d; the state is saved in %s -- "
                         "run the same command with --resume to continue", latest["step"], steps, state_file)
         raise
@@ -254,6 +257,18 @@ def decode_and_write(model, samples, output_path: Path, fps: float) -> Path:
     return video_io.write_video(frames, output_path, fps)
 
 
+def numerics_settings(args, model) -> dict:
+    """Settings beyond upstream's that change the sampled latents (a resume must match them)."""
+    from .embed_cache import file_identity
+
+    sampler, shift = model.sampling_settings()
+    loras = [str(spec) for spec in getattr(args, "lora", None) or []]
+    return dict(sampler=sampler, shift=shift, step_cache=getattr(args, "step_cache", 0.0) or 0.0,
+                attention=getattr(args, "attention", "auto"), fp8_matmul=bool(getattr(args, "fp8_matmul", False)),
+                loras=[(spec, file_identity(Path(spec.rsplit(":", 1)[0])) if Path(spec.rsplit(":", 1)[0]).exists()
+                        else file_identity(Path(spec))) for spec in loras])
+
+
 def run_one(model, job: Job, args, embed_cache=None) -> Path:
     """Make one (validated) job's video; returns the path written."""
     from . import resume as resume_mod
@@ -267,7 +282,8 @@ def run_one(model, job: Job, args, embed_cache=None) -> Path:
                                 seed=getattr(args, "seed", None),
                                 steps=getattr(model.sampler, "num_steps", None),
                                 cfg=getattr(model.sampler.guider, "scale", None),
-                                shape=cond.shape, load=str(getattr(args, "load", "")))
+                                shape=cond.shape, load=str(getattr(args, "load", "")),
+                                **numerics_settings(args, model))
     samples = denoise(model, cond, args, state_file, fp, getattr(args, "save_every", DEFAULT_SAVE_EVERY) or 0,
                       getattr(args, "resume", False))
     del cond
