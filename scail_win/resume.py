@@ -3,10 +3,10 @@
 Rectified-flow sampling is deterministic after the initial noise, so the
 latents after step ``i`` (plus the RNG state, for anything drawn later, and a
 multistep solver's history) are all a resumed run needs to give the same
-video bit for bit. The state is a
-safetensors file next to the output, written atomically; a fingerprint of
-everything that shapes the result (prompt, inputs, seed, steps, CFG scale,
-resolution, weights) guards against resuming a different job.
+video bit for bit. The state is a safetensors file next to the output,
+written atomically; a fingerprint of everything that shapes the result
+(prompt, inputs, seed, steps, CFG scale, resolution, weights) guards against
+resuming a different job.
 """
 from __future__ import annotations
 
