@@ -1,11 +1,12 @@
 """Save and restore the denoising state so an interrupted run can continue.
 
 Rectified-flow sampling is deterministic after the initial noise, so the
-latents after step ``i`` (plus the RNG state, for anything drawn later) are
-all a resumed run needs to give the same video bit for bit. The state is a
-safetensors file next to the output, written atomically; a fingerprint of
-everything that shapes the result (prompt, inputs, seed, steps, CFG scale,
-resolution, weights) guards against resuming a different job.
+latents after step ``i`` (plus the RNG state, for anything drawn later, and a
+multistep solver's history) are all a resumed run needs to give the same
+video bit for bit. The state is a safetensors file next to the output,
+written atomically; a fingerprint of everything that shapes the result
+(prompt, inputs, seed, steps, CFG scale, resolution, weights) guards against
+resuming a different job.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -24,6 +25,9 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 FORMAT = "scail-win-resume-1"
+# Solver history tensors are stored under this prefix; files written before
+# solvers kept state have none and load with an empty solver_state.
+SOLVER_PREFIX = "solver/"
 
 
 def fingerprint(**fields) -> str:
@@ -39,6 +43,7 @@ class ResumeState:
     latents: torch.Tensor
     cpu_rng: torch.Tensor
     job_fingerprint: str
+    solver_state: Dict[str, torch.Tensor] = field(default_factory=dict)  # samplers.Solver.state_dict()
 
 
 def state_path_for(output_path: Path) -> Path:
@@ -54,6 +59,7 @@ def save_state(path: Path, state: ResumeState) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tensors = {"latents": state.latents.detach().to("cpu").contiguous(),
                "cpu_rng": state.cpu_rng.contiguous()}
+    tensors.update({SOLVER_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.solver_state.items()})
     metadata = {"format": FORMAT, "step": str(state.step), "total_steps": str(state.total_steps),
                 "fingerprint": state.job_fingerprint}
     try:
@@ -91,7 +97,9 @@ def load_state(path: Path, expected_fingerprint: str) -> Optional[ResumeState]:
                         f"or delete the file to start over")
     return ResumeState(step=int(metadata["step"]), total_steps=int(metadata["total_steps"]),
                        latents=tensors["latents"], cpu_rng=tensors["cpu_rng"],
-                       job_fingerprint=expected_fingerprint)
+                       job_fingerprint=expected_fingerprint,
+                       solver_state={k[len(SOLVER_PREFIX):]: v for k, v in tensors.items()
+                                     if k.startswith(SOLVER_PREFIX)})
 
 
 def remove_state(path: Path) -> None:
