@@ -44,7 +44,7 @@ first-block residual and the rest's residual) in ``storage`` (``"device"``,
 or ``"cpu"``: pinned host memory next to a CUDA device, with a third width
 for the layer input), one width on the device while the first layer runs
 with ``"device"`` storage (its input, which lean layers overwrite in
-place), and a few (4096 x hidden) float32 chunks for the comparison.  One
+place), and a few (2048 x hidden) float32 chunks for the comparison.  One
 host sync per forward (the change, read to decide).  Nothing is kept after
 the last step.
 """
@@ -67,8 +67,8 @@ DEFAULT_WARMUP = 5
 DEFAULT_MAX_SKIPS = 3
 STORAGES = ("device", "cpu")
 # Rows (tokens x batch) per chunk of the residual arithmetic: a float32
-# chunk of 4096 x 5120 is 80 MiB.
-CHUNK_ROWS = 4096
+# chunk of 2048 x 5120 is 40 MiB, and a few are live at once.
+CHUNK_ROWS = 2048
 # Denominator floor for a residual that is exactly zero.
 _TINY = 1e-30
 

@@ -351,6 +351,28 @@ def test_cpu_storage_gives_the_device_storage_result():
     assert all(torch.equal(a, b) for a, b in zip(results["cpu"][0], results["device"][0]))
 
 
+@pytest.mark.parametrize("storage", ["device", "cpu"])
+def test_chunked_arithmetic_gives_the_one_chunk_result(storage, monkeypatch):
+    from scail_win import step_cache
+
+    xs, emb = trajectory(12, 0.01)
+    results = []
+    for rows in (None, 5):  # 12 rows (2 samples x 6 tokens): one chunk, or 5 + 5 + 2
+        if rows is not None:
+            monkeypatch.setattr(step_cache, "CHUNK_ROWS", rows)
+        model = make(inplace=True)
+        cache = install_step_cache(model, 0.2, warmup=2, storage=storage)
+        outs = sample(model, cache, xs, emb)
+        results.append((outs, cache.decisions))
+    (one, one_d), (chunked, chunked_d) = results
+    assert any(d.skipped for d in one_d)
+    assert [d.skipped for d in one_d] == [d.skipped for d in chunked_d]
+    for a, b in zip(one_d[1:-1], chunked_d[1:-1]):
+        assert a.change == pytest.approx(b.change, rel=1e-5)
+    for a, b in zip(one, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("inplace", [False, True])
 def test_cuda_pinned_storage_matches_device_storage(inplace):
@@ -420,9 +442,9 @@ def test_scail_dit_with_lean_layers_and_block_swap(scail):
     steps = 8
     calls = []
     for i in range(steps):
-        inputs = dict(base, x=base["x"] + 0.002 * i * torch.randn(base["x"].shape, generator=g),
-                      timesteps=base["timesteps"] * (1 - 0.01 * i))
-        calls.append(inputs)
+        # Only the latents move (a timestep change moves the sinusoidal time
+        # embedding's fast features a lot, and random weights make that matter).
+        calls.append(dict(base, x=base["x"] + 0.002 * i * torch.randn(base["x"].shape, generator=g)))
 
     def run(threshold, swap):
         lean = install_lean_layers(dit, 100)
