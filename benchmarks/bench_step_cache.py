@@ -11,8 +11,8 @@ installs them when everything fits, CFG batch 2 through sgm's denoiser.
               Step time, peak allocated memory, memory the cache keeps
               between steps, host syncs per forward, and the skipped step's
               error against the computed one (same input: rounding only).
-  trajectory  --steps Euler steps of rectified flow (shifted schedule,
-              shift 5) at --traj-size, from one noise, without the cache
+  trajectory  --steps steps of RFSampler's rectified flow (shifted
+              schedule, shift 5; VanillaCFG scale from the config) at --traj-size, from one noise, without the cache
               and with it at each --thresholds value: forwards skipped,
               which steps, relative error of the final latents against the
               uncached run, total time.  With random weights the DiT's
@@ -129,23 +129,32 @@ def stage_cost(args, cfg, dit, res):
     torch.cuda.empty_cache()
 
 
-def shifted_sigmas(steps: int, shift: float = 5.0):
-    """Rectified-flow sigmas from 1 to 0 with the hunyuan-style shift (what SCAIL's sampler uses)."""
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return (shift * t / (1 + (shift - 1) * t)).tolist()
+def make_sampler(cfg, steps, device):
+    """SCAIL's own RFSampler (hunyuan-style shifted schedule, VanillaCFG) for ``steps`` steps."""
+    from omegaconf import OmegaConf
+    from sgm.util import instantiate_from_config
+
+    config = OmegaConf.create(OmegaConf.to_container(cfg.sampler_config))
+    config.params.num_steps = steps
+    config.params.verbose = False
+    sampler = instantiate_from_config(config)
+    sampler.device = device
+    return sampler
 
 
-def sample(step, x0, c, uc, sigmas, cache=None):
-    """Euler steps of the flow: x += (sigma_next - sigma) * (x - denoised) / sigma."""
-    x = x0.clone()
+def sample(step, sampler, x0, c, uc, cache=None, steps=None):
+    """Upstream's sampling loop (sampler_step per step), telling ``cache`` each step; the first ``steps``."""
+    x, s_in, sigmas, _, c, uc, *_ = sampler.prepare_sampling_loop(x0.clone(), dict(c), dict(uc))
+
+    def denoiser(input, sigma, cond, **extra):
+        return step.denoiser(step.network, input, sigma, cond, concat_images=None, chunk_dim=None, **extra)
+
     n = len(sigmas) - 1
     with torch.no_grad():
-        for i in range(n):
+        for i in range(n if steps is None else steps):
             if cache is not None:
                 cache.begin_step(i, n)
-            s = torch.full((x.shape[0],), sigmas[i], device=x.device)
-            denoised = step.cfg(x, s, c, uc).float()
-            x = x + (sigmas[i + 1] - sigmas[i]) * (x - denoised) / sigmas[i]
+            x = sampler.sampler_step(s_in * sigmas[i], s_in * sigmas[i + 1], denoiser, x, c, uc)
     return x
 
 
@@ -155,13 +164,13 @@ def stage_trajectory(args, cfg, dit, res):
     dev = torch.device("cuda", 0)
     x, _, c, uc, tokens = bd.latent_inputs(args.traj_size, args.traj_frames, dev, seed=7)
     step = bd.Step(cfg, dit)
-    sigmas = shifted_sigmas(args.steps)
+    sampler = make_sampler(cfg, args.steps, dev)
     options = cache_options(args)
     runs = res["trajectory"] = {"tokens_per_sample": tokens, "steps": args.steps, **options}
-    sample(step, x, c, uc, sigmas[:2])  # kernels, RoPE tables
+    sample(step, sampler, x, c, uc, steps=1)  # kernels, RoPE tables
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    reference = sample(step, x, c, uc, sigmas)
+    reference = sample(step, sampler, x, c, uc)
     torch.cuda.synchronize()
     base = time.perf_counter() - t0
     rows = [("no cache", 0, args.steps, "-", f"{base:.1f}", "1.000", "0")]
@@ -170,7 +179,7 @@ def stage_trajectory(args, cfg, dit, res):
         try:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            got = sample(step, x, c, uc, sigmas, cache)
+            got = sample(step, sampler, x, c, uc, cache)
             torch.cuda.synchronize()
             sec = time.perf_counter() - t0
             decisions = list(cache.decisions)
@@ -185,7 +194,7 @@ def stage_trajectory(args, cfg, dit, res):
         LOG.info("%s", summary)
         rows.append((f"threshold {threshold:g}", len(skipped), args.steps, ",".join(map(str, skipped)) or "-",
                      f"{sec:.1f}", f"{sec / base:.3f}", f"{err:.3g}"))
-    bd.table(f"Step cache over {args.steps} Euler steps, {args.traj_size[0]}x{args.traj_size[1]}x"
+    bd.table(f"Step cache over {args.steps} RFSampler steps, {args.traj_size[0]}x{args.traj_size[1]}x"
              f"{args.traj_frames}, CFG batch 2, random weights (warmup {options['warmup']}, "
              f"max skips {options['max_skips']})",
              ("run", "skipped", "of", "skipped steps", "total s", "x no cache", "final rel err"), rows)
