@@ -1,12 +1,12 @@
 """Step cache: skip the DiT's layers on steps where they would change little.
 
-A first-block cache, as diffusers' ``FirstBlockCache`` and ParaAttention's
-cache: on every DiT forward the first layer runs and its residual (output
-minus input) is compared with the previous forward's.  When the relative
-L1 change, added up over the forwards since the last fully computed one,
-stays under ``threshold``, layers 1 .. N-1 are not run: their output is
-the first layer's output plus the residual they added at the last fully
-computed forward (kept from then).
+A first-block cache, of the family of ParaAttention's and diffusers'
+``FirstBlockCache``: on every DiT forward the first layer runs, and the
+relative L1 change of its residual (output minus input) from the previous
+forward's is added up over the forwards since the last fully computed one.
+While that sum stays under ``threshold``, layers 1 .. N-1 are not run:
+their output is the first layer's output plus the residual they added at
+the last fully computed forward (kept from then).
 
 Why this and not TeaCache or MagCache: those decide from a curve fitted
 per model on real weights and real prompts (TeaCache: polynomial rescale
@@ -17,12 +17,13 @@ and we have not calibrated any on SCAIL's weights.  The first-block
 residual is measured on every forward of this model itself, so it needs
 no calibration.
 
-Rules that bound the error: the changes are accumulated since the last
-full forward (TeaCache's rule; the sum is at least the direct distance to
-that forward, so at one threshold this skips no more than comparing with
-the last full forward, as diffusers does); the first ``warmup`` steps and
-the last step are always computed; after ``max_skips`` skipped forwards in
-a row one is computed.
+Rules that bound the error: the step-to-step changes are added up since
+the last full forward (TeaCache's rule; the sum is at least the direct
+distance to that forward, so at one threshold a forward skipped here would
+also be skipped by comparing with the last full forward, which is what
+ParaAttention's cache does); the first ``warmup`` steps and the last step
+are always computed; after ``max_skips`` skipped forwards in a row one is
+computed.
 
 Place in the hook chain: outermost.  :func:`install_step_cache` wraps
 whatever ``layer_forward`` the model has (upstream's, lean layers, a
