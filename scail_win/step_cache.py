@@ -47,7 +47,8 @@ for the layer input), one width on the device while the first layer runs
 with ``"device"`` storage (its input, which lean layers overwrite in
 place), and a few (2048 x hidden) float32 chunks for the comparison.  One
 host sync per forward (the change, read to decide).  Nothing is kept after
-the last step.
+the last step.  With several processes (sequence parallel), the change is
+summed over all of them, so they all skip the same forwards.
 """
 from __future__ import annotations
 
@@ -118,6 +119,14 @@ class _Branch:
     staging: Optional["torch.Tensor"] = None  # the first layer's input, with cpu storage
     accumulated: float = 0.0
     in_a_row: int = 0
+
+
+def _distributed_world() -> int:
+    import torch
+
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size()
 
 
 def _rows(t: "torch.Tensor") -> "torch.Tensor":
@@ -334,7 +343,14 @@ class StepCache:
             first_rows[a:b].copy_(residual.to(first_rows.dtype), non_blocking=True)
         if not compare:
             return None
-        return float(diff / ref.clamp_min(_TINY))
+        sums = torch.stack([diff, ref])
+        if _distributed_world() > 1:
+            # Each process holds a share of the tokens (sequence parallel):
+            # decide on the sums over all of them, so that every process skips
+            # the same forwards and their collectives stay matched.
+            torch.distributed.all_reduce(sums)
+        diff, ref = sums.tolist()  # the one host sync
+        return diff / max(ref, _TINY)
 
     def _store_rest(self, out) -> None:
         """At the last layer of a full forward: rest = output - first layer's output (held in rest)."""

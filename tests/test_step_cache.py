@@ -429,6 +429,41 @@ def test_models_it_cannot_wrap():
             cache.begin_step(step, steps)
 
 
+def _sequence_parallel_worker(rank, world, init_file, out_dir):
+    """One process of a sequence-parallel run: its share of the tokens (the toy's layers are per token)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = make(inplace=True)
+        xs, emb = trajectory(12, 0.01)
+        share = 6 // world
+        cache = install_step_cache(model, 0.2, warmup=2)
+        outs = sample(model, cache, [x[:, rank * share:(rank + 1) * share] for x in xs], emb)
+        torch.save({"outs": outs, "decisions": [dataclasses.asdict(d) for d in cache.decisions]},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sequence_parallel_processes_decide_together(tmp_path):
+    import torch.multiprocessing as mp
+
+    xs, emb = trajectory(12, 0.01)
+    model = make(inplace=True)
+    cache = install_step_cache(model, 0.2, warmup=2)
+    expected = sample(model, cache, xs, emb)
+    assert any(d.skipped for d in cache.decisions)
+    mp.spawn(_sequence_parallel_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in ranks:
+        # The sums over both halves of the tokens: the single process's decisions.
+        assert [d["skipped"] for d in result["decisions"]] == [d.skipped for d in cache.decisions]
+        for d, ref in zip(result["decisions"][1:-1], cache.decisions[1:-1]):
+            assert d["change"] == pytest.approx(ref.change, rel=1e-5)
+    for step, full in enumerate(expected):
+        torch.testing.assert_close(torch.cat([r["outs"][step] for r in ranks], dim=1), full, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------ SCAIL's own DiT
 
 
