@@ -267,7 +267,8 @@ def main() -> int:
     print(f"{args.layers} layer groups (hidden {args.hidden}, FFN {args.ffn}), {args.tokens} tokens, "
           f"rank-{args.rank} LoRA on every linear ({lora_bytes / 2**20:.0f} MiB), {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}); all layers swapped")
-    print("| path | LoRA | one-time merge | step | vs same path without LoRA | peak allocated | output vs resident+LoRA (rel.) |")
+    print("| path | LoRA | one-time merge | step | vs same path without LoRA | peak allocated "
+          "| output vs resident+LoRA (rel.) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [r["path"], "yes" if r["lora"] else "no", _fmt(r["merge_s"], "{:.2f} s"), _fmt(r["step_s"], "{:.3f} s"),

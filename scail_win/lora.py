@@ -262,11 +262,10 @@ def split_key(key: str) -> Tuple[Optional[str], Optional[str]]:
 # -- reading a LoRA file ----------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class Term:
     """One LoRA's change to row block ``[row0, row1)`` of a tensor (viewed as rows x rest)."""
 
-    source: str  # "file: key" for messages
     row0: int
     row1: int
     scale: float
@@ -354,9 +353,11 @@ def read_lora(spec: LoraSpec, shapes: Dict[str, Tuple[int, ...]], names: Optiona
                 continue
             for term_name, term in _terms(f, path, module, roles, target, shapes, spec.strength):
                 result.terms.setdefault(term_name, []).append(term)
+    if not keys:
+        raise UserError(f"--lora {path}: the file holds no tensors; re-download it")
     if not result.terms:
         raise UserError(f"--lora {path}: none of its {len(keys)} keys names a layer of SCAIL's DiT "
-                        f"(first: {keys[0] if keys else 'the file is empty'}); is it a LoRA for Wan2.1-14B?")
+                        f"(first: {keys[0]}); is it a LoRA for Wan2.1-14B?")
     return result
 
 
@@ -381,8 +382,9 @@ def _terms(f, path, module, roles, target: Target, shapes, strength):
         missing = "up" if "down" in roles else "down"
         if missing not in roles:
             have = roles["down" if missing == "up" else "up"]
-            raise UserError(f"--lora {path}: {have} has no matching lora_{missing}/lora_{'B' if missing == 'up' else 'A'}"
-                            " weight; the file is incomplete")
+            peft = "lora_B" if missing == "up" else "lora_A"
+            raise UserError(f"--lora {path}: {have} has no matching lora_{missing}/{peft} weight; "
+                            "the file is incomplete")
         if target.weight not in shapes:
             raise UserError(f"--lora {path}: {roles['up']}: its target {target.weight} takes no LoRA")
         up, down = get("up"), get("down")
@@ -400,7 +402,7 @@ def _terms(f, path, module, roles, target: Target, shapes, strength):
             raise UserError(f"--lora {path}: {roles['up']}: makes a {up.shape[0]}x{down.shape[1]} change, but "
                             f"{target.weight} takes {row1 - row0}x{rest}; is this LoRA for another model?")
         alpha = float(get("alpha").float().reshape(-1)[0]) if "alpha" in roles else float(rank)
-        out.append((target.weight, Term(f"{path}: {roles['up']}", row0, row1, strength * alpha / rank,
+        out.append((target.weight, Term(row0, row1, strength * alpha / rank,
                                         up=up, down=down)))
     for role, name in (("diff", target.weight), ("diff_b", target.bias)):
         if role not in roles:
@@ -414,7 +416,7 @@ def _terms(f, path, module, roles, target: Target, shapes, strength):
         if tuple(diff.shape) != want:
             raise UserError(f"--lora {path}: {roles[role]}: shape {list(diff.shape)}, but {name} takes "
                             f"{list(want)}; is this LoRA for another model?")
-        out.append((name, Term(f"{path}: {roles[role]}", row0, row1, strength,
+        out.append((name, Term(row0, row1, strength,
                                diff=diff.reshape(want[0], -1))))
     if "alpha" in roles and not ("up" in roles or "down" in roles):
         raise UserError(f"--lora {path}: {roles['alpha']} has no lora_up/lora_down pair; the file is incomplete")

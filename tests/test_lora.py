@@ -130,7 +130,8 @@ def inputs(dtype=torch.float32):
     return torch.randn(2, 6, H, generator=g).to(dtype), torch.randn(2, 4, H, generator=g).to(dtype)
 
 
-# The test's own table: Wan module -> (sat weight, bias, part, parts); diffusers name.
+# The test's own table: Wan module -> (sat module, part, parts, diffusers name).
+CLIP_KV = "mixins.adaln_layer.clip_feature_key_value_list.0"
 SAT = {
     "blocks.1.self_attn.q": ("transformer.layers.1.attention.query_key_value", 0, 3, "blocks.1.attn1.to_q"),
     "blocks.1.self_attn.k": ("transformer.layers.1.attention.query_key_value", 1, 3, "blocks.1.attn1.to_k"),
@@ -140,8 +141,8 @@ SAT = {
     "blocks.2.cross_attn.k": ("transformer.layers.2.cross_attention.key_value", 0, 2, "blocks.2.attn2.to_k"),
     "blocks.2.cross_attn.v": ("transformer.layers.2.cross_attention.key_value", 1, 2, "blocks.2.attn2.to_v"),
     "blocks.2.cross_attn.o": ("transformer.layers.2.cross_attention.dense", 0, 1, "blocks.2.attn2.to_out.0"),
-    "blocks.0.cross_attn.k_img": ("mixins.adaln_layer.clip_feature_key_value_list.0", 0, 2, "blocks.0.attn2.add_k_proj"),
-    "blocks.0.cross_attn.v_img": ("mixins.adaln_layer.clip_feature_key_value_list.0", 1, 2, "blocks.0.attn2.add_v_proj"),
+    "blocks.0.cross_attn.k_img": (CLIP_KV, 0, 2, "blocks.0.attn2.add_k_proj"),
+    "blocks.0.cross_attn.v_img": (CLIP_KV, 1, 2, "blocks.0.attn2.add_v_proj"),
     "blocks.1.ffn.0": ("transformer.layers.1.mlp.dense_h_to_4h", 0, 1, "blocks.1.ffn.net.0.proj"),
     "blocks.1.ffn.2": ("transformer.layers.1.mlp.dense_4h_to_h", 0, 1, "blocks.1.ffn.net.2"),
     "time_embedding.0": ("time_embed.0", 0, 1, "condition_embedder.time_embedder.linear_1"),
@@ -322,7 +323,7 @@ def test_two_loras_on_one_bf16_tensor_round_once(tmp_path):
 
 def test_merged_in_row_chunks_equals_one_chunk(monkeypatch):
     w = torch.randn(40, 24)
-    term = L.Term("t", 8, 32, 0.3, up=torch.randn(24, 4), down=torch.randn(4, 24))
+    term = L.Term(8, 32, 0.3, up=torch.randn(24, 4), down=torch.randn(4, 24))
     whole = L.merged(w, [term])
     monkeypatch.setattr(L, "CHUNK_BYTES", 4 * 24 * 5)  # 5 rows a chunk
     torch.testing.assert_close(L.merged(w, [term]), whole)
