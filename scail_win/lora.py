@@ -100,6 +100,17 @@ def specs_from_args(args) -> List[LoraSpec]:
     return specs
 
 
+def identity(args) -> Optional[str]:
+    """What ``args.lora`` merges, for a job's resume fingerprint: each file's path, size, mtime and strength.
+
+    None without LoRAs, so fingerprints of jobs without any stay as they were.
+    """
+    from .embed_cache import file_identity
+
+    specs = specs_from_args(args)
+    return ";".join(f"{file_identity(s.path)}@{s.strength!r}" for s in specs) if specs else None
+
+
 # -- Wan2.1 names <-> sat names ------------------------------------------------------------
 
 

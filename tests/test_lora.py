@@ -251,6 +251,16 @@ def test_specs_from_args_checks_files(tmp_path):
         L.specs_from_args(argparse.Namespace(lora=[str(tmp_path / "missing.safetensors")]))
 
 
+def test_identity_changes_with_file_and_strength(tmp_path):
+    f = tmp_path / "a.safetensors"
+    f.write_bytes(b"x")
+    assert L.identity(argparse.Namespace(lora=None)) is None
+    one = L.identity(argparse.Namespace(lora=[f"{f}:0.5"]))
+    assert one != L.identity(argparse.Namespace(lora=[f"{f}:0.6"]))
+    f.write_bytes(b"xy")
+    assert one != L.identity(argparse.Namespace(lora=[f"{f}:0.5"]))
+
+
 # --- every naming scheme, resident ---------------------------------------------------------
 
 
@@ -497,6 +507,36 @@ def test_fp8_weight_kept_in_fp8_is_requantized(tmp_path):
     got = W.dequantize(lin.weight, lin.weight_scale, torch.float32)
     assert W.relative_error(got, want) < 0.04  # fp8's own error, not a missing delta
     assert W.relative_error(got, want - 0.8 * up @ down) > 0.2
+
+
+@pytest.mark.parametrize("blocks_on_gpu", [3, 1])
+def test_the_loader_order_read_on_meta_then_merge_after_placement(tmp_path, blocks_on_gpu):
+    """model_loader.build's order: LoRAs read against the meta DiT, merged after load_into and place_dit."""
+    from types import SimpleNamespace
+
+    from scail_win.model_loader import place_dit
+
+    dit = tmp_path / "dit.safetensors"
+    _write_checkpoint(make_model(), dit, fp8=False)
+    path = tmp_path / "l.safetensors"
+    lowrank_file(path, "kohya_dotted")
+    ref = _meta_model()
+    W.load_into(ref, dit)
+    ref.hooks = {"layer_forward": ref.layer_forward}
+    L.apply_loras(ref, [L.LoraSpec(path, 0.5)])
+
+    model = _meta_model()
+    model.hooks = {"layer_forward": model.layer_forward}
+    merge = L.read_loras(model, L.specs_from_args(argparse.Namespace(lora=[f"{path}:0.5"])))
+    W.load_into(model, dit)
+    plan = SimpleNamespace(layer_chunk_tokens=None, offload_mode="stream", blocks_on_gpu=blocks_on_gpu,
+                           num_layers=LAYERS, prefetch=1)
+    placement = place_dit(model, plan, torch.device("cpu"))
+    assert (placement.swap is None) == (blocks_on_gpu == LAYERS)
+    merge.apply(model, device="cpu", swap=placement.swap)
+    x = inputs(torch.bfloat16)
+    assert torch.equal(model(*x), ref(*x))
+    placement.undo()
 
 
 @pytest.mark.gpu
