@@ -568,13 +568,15 @@ def test_name_map_covers_every_linear_of_scails_dit():
     """Built tiny from SCAIL's own class: every per-layer and top-level weight has a Wan name."""
     from omegaconf import OmegaConf
 
-    from scail_win import arguments, hook
+    from scail_win import arguments, hook, rope3d
     from scail_win.diffusion_video import build_dit
     from scail_win.smoke import TINY_DIT
 
     root = Path(os.environ["SCAIL_ROOT"])
+    # SCAIL's own sat and sgm, whatever `sat` was before (PyPI's lacks what SCAIL's sgm imports).
     saved = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] in _SCAIL_PACKAGES}
     sys.path.insert(0, str(root))
+    rope3d._mixin_class.cache_clear()  # it subclasses whichever sat's BaseMixin
     hooked = any(isinstance(f, hook.ScailWinFinder) for f in sys.meta_path)
     hook.install()
     started = not torch.distributed.is_initialized()
@@ -594,6 +596,7 @@ def test_name_map_covers_every_linear_of_scails_dit():
             del sys.modules[n]
         sys.modules.update(saved)
         sys.path.remove(str(root))
+        rope3d._mixin_class.cache_clear()
     shapes = {n: tuple(t.shape) for n, t in list(dit.named_parameters()) + list(dit.named_buffers())}
     wan = L.sat_to_wan(shapes)
     covered = {t.weight for t in wan.values()} | {t.bias for t in wan.values() if t.bias}
