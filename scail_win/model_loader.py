@@ -258,8 +258,8 @@ def apply_memory_plan(engine, plan, device: torch.device, weight_source=None) ->
 
 
 def build(args, model_cls=None):
-    """The engine for ``args`` with its weights loaded and its memory plan applied."""
-    from . import weights
+    """The engine for ``args`` with its weights loaded, its memory plan applied and ``args.lora`` merged."""
+    from . import lora, weights
     from .diffusion_video import SATVideoDiffusionEngine
 
     if model_cls is not None and model_cls is not SATVideoDiffusionEngine:
@@ -277,6 +277,9 @@ def build(args, model_cls=None):
     engine = SATVideoDiffusionEngine(args, empty_weights=layout is not None)
     engine.eval()
     dit = engine.model.diffusion_model
+    # Every LoRA is read and checked against the DiT's shapes before its weights are.
+    specs = lora.specs_from_args(args)
+    loras = lora.read_loras(dit, specs) if specs else None
     fp8 = layout is not None and (layout.dit_dtype or "").startswith("fp8")
     plan = make_plan(args, dit, device, host_bytes_per_param=1 if fp8 else 2)
 
@@ -297,7 +300,9 @@ def build(args, model_cls=None):
             log.warning("%d checkpoint tensors are not used by this config (first: %s)",
                         len(result.unexpected_keys), result.unexpected_keys[0])
     weight_source = weights.CheckpointWeights(source, prefix=DIT_PREFIX, dtype=engine.dtype) if fp8 else None
-    apply_memory_plan(engine, plan, device, weight_source)
+    placement = apply_memory_plan(engine, plan, device, weight_source)
+    if loras is not None:
+        loras.apply(dit, device=device, swap=placement.swap)
     return engine
 
 

@@ -627,6 +627,18 @@ class BlockSwap:
         for e in self._entries[gi]:
             e.tensor.data = e.master
 
+    def swapped_masters(self) -> dict[str, tuple[torch.Tensor, bool]]:
+        """Name -> (CPU master, owned) for every tensor of the swapped groups.
+
+        Owned masters are copies in host buffers this swap allocated (pinned
+        mode on CUDA): they may be changed in place, and later loads copy the
+        change.  Other masters are the weight source's tensors (often
+        read-only memory-mapped files); change what a load makes of them
+        through ``materialize`` instead.
+        """
+        packed = self.mode == "pinned" and self._cuda
+        return {e.name: (e.master, packed) for gi in self.swapped for e in self._entries[gi] if e.master is not None}
+
     def is_loaded(self, gi: int) -> bool:
         """Whether group ``gi`` is on the device or on its way there."""
         return gi in self.resident or gi in self._slots
