@@ -279,6 +279,9 @@ def build(args, model_cls=None):
     dit = engine.model.diffusion_model
     fp8 = layout is not None and (layout.dit_dtype or "").startswith("fp8")
     plan = make_plan(args, dit, device, host_bytes_per_param=1 if fp8 else 2)
+    from . import fp8_linear
+
+    fp8_matmul = fp8_linear.plan_fp8_matmul(dit, device, getattr(args, "fp8_matmul", False), fp8)
 
     source = None
     if layout is not None:
@@ -289,14 +292,20 @@ def build(args, model_cls=None):
         swapped = _swapped_names(dit, plan) if fp8 else set()
         log.info("reading the DiT weights from %s", layout.dit)
         result = weights.load_into(dit, source, prefix=DIT_PREFIX, placement=dit_load_device(plan, device),
-                                   dtype=engine.dtype, keep_fp8=lambda name: name in swapped, strict=False)
+                                   dtype=engine.dtype, keep_fp8=lambda name: name in swapped or name in fp8_matmul,
+                                   strict=False)
         if result.meta_left:
             raise UserError(f"{layout.dit} lacks {len(result.meta_left)} DiT tensors "
                             f"(first: {DIT_PREFIX}{result.meta_left[0]}); is it a SCAIL-Preview checkpoint?")
         if result.unexpected_keys:
             log.warning("%d checkpoint tensors are not used by this config (first: %s)",
                         len(result.unexpected_keys), result.unexpected_keys[0])
-    weight_source = weights.CheckpointWeights(source, prefix=DIT_PREFIX, dtype=engine.dtype) if fp8 else None
+    weight_source = None
+    if fp8:
+        weight_source = weights.CheckpointWeights(source, prefix=DIT_PREFIX, dtype=engine.dtype,
+                                                  keep_fp8=fp8_matmul.__contains__)
+    if fp8_matmul:
+        engine.fp8_linears = fp8_linear.install_fp8_linears(dit, fp8_matmul, device)
     apply_memory_plan(engine, plan, device, weight_source)
     return engine
 
