@@ -55,7 +55,7 @@ INSTALL_HINT = {
              "builds from source, which takes an hour and a CUDA toolkit)",
     "sage": "pip install sageattention (on Windows: pip install triton-windows sageattention)",
 }
-_PACKAGES = {"flash": ("flash_attn", "flash_attn_func"), "sage": ("sageattention", "sageattn")}
+PACKAGES = {"flash": ("flash_attn", "flash_attn_func"), "sage": ("sageattention", "sageattn")}
 
 
 def requested_backend(name: Optional[str] = None) -> str:
@@ -144,7 +144,7 @@ def load_kernel(name: str) -> tuple[Optional[Callable], Optional[str]]:
     """(call, None) for kernel ``name`` ("flash" or "sage"), or (None, why not); imported once."""
     with _lock:
         if name not in _kernels:
-            module_name, attr = _PACKAGES[name]
+            module_name, attr = PACKAGES[name]
             try:
                 module = importlib.import_module(module_name)
                 fn = getattr(module, attr)
@@ -218,7 +218,7 @@ def select_backend(name: Optional[str], device, dtype: torch.dtype) -> Backend:
     else:
         why = probe(requested, device, dtype)
         if why is not None:
-            raise UserError(f"{FLAG} {requested}: {_PACKAGES[requested][0]} {why}; "
+            raise UserError(f"{FLAG} {requested}: {PACKAGES[requested][0]} {why}; "
                             f"{INSTALL_HINT[requested]}, or use {FLAG} auto")
         backend = Backend(requested, f"{FLAG} {requested}", load_kernel(requested)[0])
     log.info("attention: %s (%s)", backend.name, backend.reason)
@@ -233,9 +233,9 @@ def _auto(device: torch.device, dtype: torch.dtype) -> Backend:
     for name in PREFERENCE:
         why = probe(name, device, dtype)
         if why is None:
-            works = f"{_PACKAGES[name][0]} works here"
+            works = f"{PACKAGES[name][0]} works here"
             return Backend(name, "auto: " + "; ".join(skipped + [works]), load_kernel(name)[0])
-        skipped.append(f"{_PACKAGES[name][0]} {why}")
+        skipped.append(f"{PACKAGES[name][0]} {why}")
     return Backend("sdpa", "auto: " + "; ".join(skipped))
 
 
@@ -261,7 +261,7 @@ def configure(name: Optional[str]) -> str:
     if requested in PREFERENCE:
         _, why = load_kernel(requested)
         if why is not None:
-            raise UserError(f"{FLAG} {requested}: {_PACKAGES[requested][0]} {why}; "
+            raise UserError(f"{FLAG} {requested}: {PACKAGES[requested][0]} {why}; "
                             f"{INSTALL_HINT[requested]}, or use {FLAG} auto")
     _requested[0] = requested
     return requested

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,17 @@ def test_auto_on_this_gpu_matches_sdpa():
     q, k, v = (t.cuda() for t in qkv(tokens=1024, kv_tokens=512, heads=4, dim=128, dtype=torch.bfloat16))
     err = attention.relative_l2(backend(q, k, v), F.scaled_dot_product_attention(q, k, v))
     assert err <= attention.PROBE_TOLERANCE.get(backend.name, 0.0), (backend, err)
+
+
+def test_the_doctor_names_the_usable_kernels(monkeypatch):
+    from scail_win import doctor
+
+    def sageattn(*a, **k):
+        raise AssertionError("the doctor only imports")
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    fake_package(monkeypatch, "sageattention", "sageattn", sageattn)
+    check = doctor.check_attention()
+    assert check.status == "OK"
+    assert check.detail == "--attention auto can use sdpa, sage (flash_attn is not installed)"
+    assert any(c.name == "attention" for c in doctor.run_checks(output=str(Path.cwd())))
