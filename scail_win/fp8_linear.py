@@ -34,8 +34,9 @@ FP8 = torch.float8_e4m3fn
 MIN_CAPABILITY = (8, 9)  # Ada and Hopper have fp8 tensor cores
 # _scaled_mm needs K and N (the weight's two sizes) to be multiples of 16.
 ALIGN = 16
-# Rows are quantized in chunks of about this many elements: the float32
-# quotient of a whole FFN activation would need twice its bf16 size.
+# Where the quantization goes through float32, rows are done in chunks of
+# about this many elements: the float32 copy of a whole FFN activation
+# would need twice its bf16 size.
 QUANT_CHUNK_ELEMENTS = 1 << 24
 PROBE_TOLERANCE = 0.1  # relative error of the probe's fp8 product vs its bf16 upcast
 _LINEAR_FORWARDS = ("ColumnParallelLinear.forward", "RowParallelLinear.forward", "Linear.forward")
@@ -43,28 +44,43 @@ _LINEAR_FORWARDS = ("ColumnParallelLinear.forward", "RowParallelLinear.forward",
 _support: dict = {}  # device -> None or why not
 
 
+def _row_scales(rows: torch.Tensor) -> torch.Tensor:
+    # The inf-norm is max |x|: one read, exact in any float dtype.
+    amax = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True).float()
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+_fused_division: dict = {}  # device type -> whether a division can write e4m3 directly
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scale) with q float8_e4m3fn like ``x`` (..., K) and scale float32 (rows, 1).
+    """(q, scale) with q float8_e4m3fn (rows, K) for ``x`` (..., K) and scale float32 (rows, 1).
 
     Row r of ``x.reshape(-1, K)`` is ``q[r] * scale[r]`` within e4m3's
     rounding; ``scale = amax(|row|) / 448`` (1 for an all-zero row), as
     :func:`scail_win.weights.quantize_fp8` scales a weight's channels.
-    ``q`` comes back 2-D (rows, K).
+    Each value is rounded once: the quotient is computed in float32 and
+    written as e4m3 by the division itself (one read of ``x``, no float32
+    copy); where a device cannot, in chunks of rows through float32.
     """
     if x.dim() < 1 or not x.is_floating_point():
         raise ValueError(f"quantize_rows needs a floating tensor of at least one dimension, got {x.dtype}")
     rows = x.reshape(-1, x.shape[-1])
     q = torch.empty(rows.shape, dtype=FP8, device=x.device)
-    scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=x.device)
+    scale = _row_scales(rows)
+    # |row| / scale <= 448 up to one float32 rounding, which e4m3 rounds back to 448.
+    if _fused_division.get(x.device.type, True):
+        try:
+            torch.div(rows, scale, out=q)
+            _fused_division[x.device.type] = True
+            return q, scale
+        except (RuntimeError, TypeError) as exc:
+            log.info("fp8 matmul: a division cannot write e4m3 on %s (%s); quantizing through float32",
+                     x.device.type, exc)
+            _fused_division[x.device.type] = False
     step = max(1, QUANT_CHUNK_ELEMENTS // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], step):
-        part = rows[start:start + step]
-        # abs and max are exact in any float dtype: no float32 copy for the amax.
-        amax = part.abs().amax(dim=1, keepdim=True).float()
-        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        scale[start:start + step] = s
-        # |row| / s <= 448 up to one float32 rounding, which e4m3 rounds back to 448.
-        q[start:start + step] = part.float() / s
+        q[start:start + step] = rows[start:start + step].float() / scale[start:start + step]
     return q, scale
 
 

@@ -66,16 +66,15 @@ def test_eligible_weights_are_block_linears_with_sizes_of_16():
         assert fp8_linear.fp8_linear_weights(Net()) == names
 
 
-def test_quantize_rows_against_a_float64_reference():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused division", "float32 chunks"])
+def test_quantize_rows_against_a_float64_reference(monkeypatch, fused):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(3, 50, 40, generator=gen) * torch.logspace(-3, 3, 40)).to(torch.bfloat16)
     x[1, 7] = 0  # an all-zero row: scale 1, zeros
-    old = fp8_linear.QUANT_CHUNK_ELEMENTS
-    try:
-        fp8_linear.QUANT_CHUNK_ELEMENTS = 7 * 40 + 3  # several chunks, the last one short
-        q, scale = fp8_linear.quantize_rows(x)
-    finally:
-        fp8_linear.QUANT_CHUNK_ELEMENTS = old
+    monkeypatch.setattr(fp8_linear, "_fused_division", {"cpu": fused})
+    monkeypatch.setattr(fp8_linear, "QUANT_CHUNK_ELEMENTS", 7 * 40 + 3)  # several chunks, the last one short
+    q, scale = fp8_linear.quantize_rows(x)
+    assert fp8_linear._fused_division["cpu"] is fused
     rows = x.reshape(-1, 40).double()
     amax = rows.abs().amax(dim=1, keepdim=True)
     ref_scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
@@ -229,3 +228,23 @@ def test_scaled_mm_matches_the_bf16_upcast_on_the_gpu():
     x = torch.randn(4, 96, 32, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert relative_error(model(x), reference(x)) < 0.05
+
+
+def test_a_device_whose_division_cannot_write_e4m3_quantizes_through_float32(monkeypatch, caplog):
+    x = torch.randn(9, 32).to(torch.bfloat16)
+    expected = fp8_linear.quantize_rows(x)
+    real_div = torch.div
+
+    def div(*args, out=None, **kwargs):
+        if out is not None and out.dtype == FP8:
+            raise RuntimeError('"div_true_cuda" not implemented for \'Float8_e4m3fn\'')
+        return real_div(*args, out=out, **kwargs)
+
+    monkeypatch.setattr(torch, "div", div)
+    monkeypatch.setattr(fp8_linear, "_fused_division", {})
+    with caplog.at_level(logging.INFO, logger="scail_win.fp8_linear"):
+        for _ in range(2):
+            q, scale = fp8_linear.quantize_rows(x)
+            assert torch.equal(q.view(torch.uint8), expected[0].view(torch.uint8)) and torch.equal(scale, expected[1])
+    assert fp8_linear._fused_division["cpu"] is False
+    assert sum("quantizing through float32" in r.getMessage() for r in caplog.records) == 1
