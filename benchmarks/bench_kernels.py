@@ -6,7 +6,8 @@ Attention: q, k, v of (batch, 40 heads, 48,832 tokens, 128) bf16 -- one
 self-attention call of SCAIL's DiT (batch 2: both CFG halves) -- and a
 cross-attention call against 512 text tokens; each backend's output against
 SDPA's (relative L2 and max abs). A backend whose package is missing or
-fails its probe gets a row saying so. Linear: the DiT's projections
+fails its probe gets a row saying so; "peak MiB" is what one call
+allocates beyond its inputs (output included). Linear: the DiT's projections
 (5120 -> 15360 qkv, 5120 -> 13824 FFN in, 13824 -> 5120 FFN out) on
 batch x tokens rows: bf16 ``F.linear`` against fp8 ``scaled_linear``
 (per-row activation quantization included, and ``torch._scaled_mm`` alone),
@@ -61,18 +62,25 @@ def attention_rows(batch, tokens, kv_tokens, heads, head_dim, iters, warmup):
             continue
         backend = attention.select_backend(name, "cuda", torch.bfloat16)
         ms = time_ms(lambda: backend(q, k, v), iters, warmup)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         out = backend(q, k, v)
+        torch.cuda.synchronize()
+        # Beyond the inputs: the output plus the kernel's own temporaries.
+        extra = (torch.cuda.max_memory_allocated() - before) / 2**20
         sdpa_ms = ms if name == "sdpa" else sdpa_ms
         rel = attention.relative_l2(out, reference)
         max_abs = float((out.float() - reference.float()).abs().max())
-        rows.append((name, (ms, flops / ms / 1e9, sdpa_ms / ms, rel, max_abs), None))
+        rows.append((name, (ms, flops / ms / 1e9, sdpa_ms / ms, rel, max_abs, extra), None))
         del out
     return rows
 
 
 def print_attention(args):
     print(f"attention on {torch.cuda.get_device_name()}, bf16, {args.heads} heads x {args.head_dim}")
-    print(f"{'call':<26}{'backend':<8}{'ms':>10}{'TFLOP/s':>10}{'vs sdpa':>9}{'rel L2':>10}{'max abs':>10}")
+    print(f"{'call':<26}{'backend':<8}{'ms':>10}{'TFLOP/s':>10}{'vs sdpa':>9}{'rel L2':>10}{'max abs':>10}"
+          f"{'peak MiB':>10}")
     for batch in args.batch:
         for label, kv in (("self", args.tokens), ("cross (text)", args.text_tokens)):
             call = f"B={batch} {label} {args.tokens}x{kv}"
@@ -81,8 +89,9 @@ def print_attention(args):
                 if result is None:
                     print(f"{call:<26}{name:<8}  {why}")
                     continue
-                ms, tflops, speed, rel, max_abs = result
-                print(f"{call:<26}{name:<8}{ms:>10.2f}{tflops:>10.0f}{speed:>8.2f}x{rel:>10.2e}{max_abs:>10.2e}")
+                ms, tflops, speed, rel, max_abs, extra = result
+                print(f"{call:<26}{name:<8}{ms:>10.2f}{tflops:>10.0f}{speed:>8.2f}x{rel:>10.2e}{max_abs:>10.2e}"
+                      f"{extra:>10.0f}")
             torch.cuda.empty_cache()
 
 
