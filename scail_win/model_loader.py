@@ -125,12 +125,20 @@ def _component_files(model_config, layout) -> Dict[str, Path]:
 # -- the memory plan ----------------------------------------------------------------
 
 
-def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: int = 2):
+def largest_group_gpu_bytes(dit: nn.Module, groups, fp8_on_gpu=frozenset()) -> int:
+    """GPU bytes of the largest layer group: bf16, and one byte a parameter for ``fp8_on_gpu`` weights."""
+    fp8_ids = {id(p) for n, p in dit.named_parameters() if n in fp8_on_gpu}
+    return max(sum(t.numel() * (1 if id(t) in fp8_ids else 2) for t in g.tensors) for g in groups)
+
+
+def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: int = 2,
+              fp8_on_gpu: frozenset = frozenset()):
     """The memory plan for ``dit`` on ``device``, or None when nothing needs planning.
 
     None means: a CPU run, or ``--offload none`` (everything where upstream
     puts it). Otherwise the sampling size in ``args`` (and at most
-    ``max_frames``) is what the plan must fit.
+    ``max_frames``) is what the plan must fit. ``fp8_on_gpu``: names of the
+    weights that stay fp8 on the GPU (fp8 matmul), one byte a parameter there.
     """
     from . import memory, offload
     from .host_memory import available_ram
@@ -140,11 +148,11 @@ def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: 
     height, width = (int(v) for v in args.sampling_image_size)
     frames = int(getattr(args, "max_frames", None) or MAX_FRAMES_DEFAULT)
     groups = offload.scail_layer_groups(dit)
-    group_params = max(g.numel for g in groups)
+    group_bytes = largest_group_gpu_bytes(dit, groups, fp8_on_gpu)
     total_params = sum(p.numel() for p in dit.parameters())
     resident_params = total_params - sum(g.numel for g in groups)
     dit_spec, t5_spec, clip_spec, vae_spec = memory.scail_specs(
-        height, width, frames, group_bytes=group_params * 2, resident_bytes=resident_params * 2,
+        height, width, frames, group_bytes=group_bytes, resident_bytes=resident_params * 2,
         dit_host_bytes_per_param=host_bytes_per_param)
     budget = getattr(args, "vram_budget", None)
     total = torch.cuda.get_device_properties(device).total_memory
@@ -278,10 +286,10 @@ def build(args, model_cls=None):
     engine.eval()
     dit = engine.model.diffusion_model
     fp8 = layout is not None and (layout.dit_dtype or "").startswith("fp8")
-    plan = make_plan(args, dit, device, host_bytes_per_param=1 if fp8 else 2)
     from . import fp8_linear
 
     fp8_matmul = fp8_linear.plan_fp8_matmul(dit, device, getattr(args, "fp8_matmul", False), fp8)
+    plan = make_plan(args, dit, device, host_bytes_per_param=1 if fp8 else 2, fp8_on_gpu=frozenset(fp8_matmul))
 
     source = None
     if layout is not None:

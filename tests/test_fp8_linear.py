@@ -248,3 +248,22 @@ def test_a_device_whose_division_cannot_write_e4m3_quantizes_through_float32(mon
             assert torch.equal(q.view(torch.uint8), expected[0].view(torch.uint8)) and torch.equal(scale, expected[1])
     assert fp8_linear._fused_division["cpu"] is False
     assert sum("quantizing through float32" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_memory_plan_counts_fp8_weights_at_one_byte():
+    from scail_win.model_loader import largest_group_gpu_bytes
+
+    class Sat(nn.Module):  # the shape of a sat model: transformer.layers
+        def __init__(self):
+            super().__init__()
+            self.transformer = nn.Module()
+            self.transformer.layers = Net().layers
+
+    with torch.device("meta"):
+        model = Sat()
+    groups = offload.scail_layer_groups(model)
+    params = max(g.numel for g in groups)
+    assert largest_group_gpu_bytes(model, groups) == 2 * params
+    names = fp8_linear.fp8_linear_weights(model)
+    fp8_params = sum(p.numel() for n, p in model.named_parameters() if n in names) // 2  # per layer
+    assert largest_group_gpu_bytes(model, groups, frozenset(names)) == 2 * params - fp8_params
