@@ -91,7 +91,14 @@ def _flash_call(fn):
 
 def _sage_call(fn):
     def call(query, key, value):
-        return fn(query, key, value, tensor_layout="HND", is_causal=False)
+        # SageAttention indexes its inputs as contiguous tensors of the
+        # layout it is told. The DiT's q is a (batch, heads, seq, dim) view of
+        # a (batch, seq, heads, dim) tensor: hand that over as "NHD", no copy.
+        if query.transpose(1, 2).is_contiguous():
+            q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
+            return fn(q, k, v, tensor_layout="NHD", is_causal=False).transpose(1, 2)
+        q, k, v = (t.contiguous() for t in (query, key, value))
+        return fn(q, k, v, tensor_layout="HND", is_causal=False)
     return call
 
 
@@ -173,7 +180,9 @@ def _probe(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]
     worst = 0.0
     try:
         for kv_tokens in (256, 77):  # self-attention, and text-length keys as in cross-attention
-            q, k, v = (torch.randn(1, 2, n, 128, generator=gen).to(device, dtype) for n in (256, kv_tokens, kv_tokens))
+            # (batch, heads, seq, dim) views of (batch, seq, heads, dim) tensors, as the DiT passes them.
+            q, k, v = (torch.randn(1, n, 2, 128, generator=gen).to(device, dtype).transpose(1, 2)
+                       for n in (256, kv_tokens, kv_tokens))
             out = kernel(q, k, v)
             if tuple(out.shape) != tuple(q.shape):
                 return f"returned shape {tuple(out.shape)} for {tuple(q.shape)} in its probe"

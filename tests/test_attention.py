@@ -206,3 +206,26 @@ def test_the_doctor_names_the_usable_kernels(monkeypatch):
     assert check.status == "OK"
     assert check.detail == "--attention auto can use sdpa, sage (flash_attn is not installed)"
     assert any(c.name == "attention" for c in doctor.run_checks(output=str(Path.cwd())))
+
+
+def test_sage_gets_contiguous_inputs_in_the_layout_that_needs_no_copy_of_q():
+    seen = []
+
+    def sageattn(q, k, v, tensor_layout, is_causal):
+        seen.append((tensor_layout, q.is_contiguous(), k.is_contiguous(), v.is_contiguous()))
+        if tensor_layout == "NHD":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2) if tensor_layout == "NHD" else out
+
+    call = attention._sage_call(sageattn)
+    gen = torch.Generator().manual_seed(0)
+    # As the DiT makes them: q from a (batch, seq, heads * dim) buffer, k and v
+    # halves of one key/value projection (cross-attention).
+    q = torch.randn(2, 64, 4 * 32, generator=gen).view(2, 64, 4, 32).permute(0, 2, 1, 3)
+    k, v = torch.randn(2, 16, 2 * 4 * 32, generator=gen).chunk(2, dim=-1)
+    k, v = (t.reshape(2, 16, 4, 32).permute(0, 2, 1, 3) for t in (k, v))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(call(q, k, v), expected)
+    torch.testing.assert_close(call(q.contiguous(), k, v), expected)
+    assert seen == [("NHD", True, True, True), ("HND", True, True, True)]
