@@ -129,7 +129,7 @@ def test_auto_prefers_a_working_sage_then_flash_and_skips_a_wrong_one(monkeypatc
     assert backend.name == "flash"
     assert backend.reason == ("auto: sageattention is 1 off SDPA in its probe (relative; limit 0.05); "
                               "flash_attn works here")
-    assert calls == ["HND", "HND"]  # self- and cross-attention shapes
+    assert calls == ["NHD", "NHD"]  # self- and cross-attention shapes, the DiT's strides
     with pytest.raises(UserError, match="--attention sage: sageattention is 1 off SDPA in its probe"):
         attention.select_backend("sage", "cuda:0", torch.bfloat16)
 
