@@ -211,7 +211,8 @@ def select_backend(name: Optional[str], device, dtype: torch.dtype) -> Backend:
     """The attention backend for ``--attention name`` on ``device``/``dtype``; chosen and logged once.
 
     ``name`` is resolved with :func:`requested_backend`. A forced flash or
-    sage that is missing or fails its probe raises UserError.
+    sage that is missing or fails its probe raises UserError; forced with an
+    fp32 model, it is probed in bf16 and its fp32 calls run on SDPA.
     """
     requested = requested_backend(name)
     device = torch.device(device)
@@ -225,7 +226,9 @@ def select_backend(name: Optional[str], device, dtype: torch.dtype) -> Backend:
     elif requested == "auto":
         backend = _auto(device, dtype)
     else:
-        why = probe(requested, device, dtype)
+        # A model dtype the kernels lack (fp32) is not the install's fault:
+        # probe in bf16, and the backend hands those calls to SDPA.
+        why = probe(requested, device, dtype if dtype in KERNEL_DTYPES else torch.bfloat16)
         if why is not None:
             raise UserError(f"{FLAG} {requested}: {PACKAGES[requested][0]} {why}; "
                             f"{INSTALL_HINT[requested]}, or use {FLAG} auto")

@@ -99,6 +99,13 @@ def test_available_backends_reports_a_broken_install(monkeypatch):
     assert found == {"sdpa": "available", "flash": "is not installed", "sage": "available"}
 
 
+def exact_sageattn(q, k, v, tensor_layout, is_causal):
+    """sageattn's signature and layouts, SDPA's math."""
+    if tensor_layout == "NHD":
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 def _gpu_tensors_as_cuda(monkeypatch):
     """Probe on the CPU as if it were CUDA: the chooser's GPU-only logic, with a fake kernel."""
     real = attention._probe
@@ -148,8 +155,16 @@ def test_auto_falls_back_to_sdpa_when_a_kernel_raises(monkeypatch):
                               "for execution on the device); flash_attn is not installed")
 
 
-def test_fp32_never_runs_a_kernel():
+def test_fp32_never_runs_a_kernel(monkeypatch):
     assert attention.probe("sage", "cuda:0", torch.float32) == "needs float16 or bfloat16, not torch.float32"
+    _gpu_tensors_as_cuda(monkeypatch)
+    fake_package(monkeypatch, "sageattention", "sageattn", exact_sageattn)
+    assert "needs float16 or bfloat16" in attention.select_backend("auto", "cuda:0", torch.float32).reason
+    # Forced, it is probed in bf16 and used for what it can take.
+    forced = attention.select_backend("sage", "cuda:0", torch.float32)
+    assert forced.name == "sage" and forced.kernel is not None
+    q, k, v = qkv()
+    assert torch.equal(forced(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
 def test_a_chosen_kernel_hands_unsupported_calls_to_sdpa(caplog):
@@ -216,10 +231,7 @@ def test_sage_gets_contiguous_inputs_in_the_layout_that_needs_no_copy_of_q():
 
     def sageattn(q, k, v, tensor_layout, is_causal):
         seen.append((tensor_layout, q.is_contiguous(), k.is_contiguous(), v.is_contiguous()))
-        if tensor_layout == "NHD":
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return out.transpose(1, 2) if tensor_layout == "NHD" else out
+        return exact_sageattn(q, k, v, tensor_layout, is_causal)
 
     call = attention._sage_call(sageattn)
     gen = torch.Generator().manual_seed(0)
