@@ -183,6 +183,7 @@ class Fp8Linears:
 
     def __init__(self, modules: Iterable[nn.Module], use_scaled_mm: bool):
         self.use_scaled_mm = use_scaled_mm
+        self._fallback_logged = False
         self.modules = []
         for module in modules:
             if "forward" in module.__dict__:
@@ -200,12 +201,28 @@ class Fp8Linears:
             scale = getattr(module, "weight_scale", None)
             if scale is None:
                 raise ValueError(f"{type(module).__name__} holds an fp8 weight without its weight_scale buffer")
-            if (self.use_scaled_mm and not args and not kwargs and x.is_cuda and x.dtype == torch.bfloat16
-                    and x.shape[-1] == weight.shape[1]):
-                return scaled_linear(x, weight, scale, module.bias)
+            if self.use_scaled_mm:
+                why = self._unsuitable(x, weight, args, kwargs)
+                if why is None:
+                    return scaled_linear(x, weight, scale, module.bias)
+                if not self._fallback_logged:
+                    log.info("fp8 matmul: %s; such calls upcast the fp8 weight", why)
+                    self._fallback_logged = True
             return self._upcast(module, original, weight, scale, x, args, kwargs)
 
         return forward
+
+    @staticmethod
+    def _unsuitable(x, weight, args, kwargs) -> Optional[str]:
+        if args or kwargs:
+            return "a linear was called with extra arguments"
+        if not x.is_cuda or x.device != weight.device:
+            return f"an input on {x.device} for a weight on {weight.device}"
+        if x.dtype != torch.bfloat16:
+            return f"a {x.dtype} input (the fp8 path makes bf16)"
+        if x.shape[-1] != weight.shape[1]:
+            return f"an input of {x.shape[-1]} features for a weight of {weight.shape[1]}"
+        return None
 
     @staticmethod
     def _upcast(module, original, weight, scale, x, args, kwargs):

@@ -106,6 +106,22 @@ def test_the_fallback_equals_the_upcast_path_exactly():
     assert all(model.get_submodule(n.rsplit(".", 1)[0]).weight.dtype == FP8 for n in names)
 
 
+def test_a_call_the_fp8_path_cannot_take_upcasts_and_says_why_once(caplog):
+    names = fp8_linear.fp8_linear_weights(make())
+    model, reference = make(), make()
+    to_fp8(model, names)
+    to_fp8(reference, names)
+    upcast(reference)
+    hooks = fp8_linear.install_fp8_linears(model, names)
+    hooks.use_scaled_mm = True  # as on a GPU with fp8 tensor cores; the inputs here are CPU tensors
+    x = torch.randn(3, 32).to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="scail_win.fp8_linear"), torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+        model(x)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["fp8 matmul: an input on cpu for a weight on cpu; such calls upcast the fp8 weight"]
+
+
 def test_install_and_remove_restore_the_modules():
     model = make()
     names = fp8_linear.fp8_linear_weights(model)
