@@ -111,7 +111,8 @@ if ($Fast) {
     # (triton-windows' notes); the pairs known when this was written:
     $TritonFor = @{ '6' = '<3.3'; '7' = '<3.4'; '8' = '<3.5'; '9' = '<3.6'; '10' = '<3.7' }
     try {
-        $TorchMinor = & $VenvPython -c 'import torch; print(torch.__version__.split(".")[1])'
+        # No double quotes in a native argument: Windows PowerShell 5.1 drops them.
+        $TorchMinor = & $VenvPython -c 'import torch; print(torch.__version__.split(''.'')[1])'
         $Triton = 'triton-windows'
         if ($TritonFor.ContainsKey("$TorchMinor")) { $Triton += $TritonFor["$TorchMinor"] }
         Write-Host "Installing the optional kernels: $Triton sageattention"

@@ -103,3 +103,10 @@ def test_install_script_fast_switch_is_optional_and_never_fatal():
     assert "throw" not in block.split("catch", 1)[1]
     # The plain install never mentions them.
     assert "sageattention" not in text.replace(block, "").split("#>", 1)[1]
+
+
+def test_install_script_passes_no_double_quotes_inside_python_code():
+    # Windows PowerShell 5.1 strips embedded double quotes from native arguments.
+    text = (SCRIPTS / "install.ps1").read_text(encoding="utf-8-sig")
+    for code in re.findall(r"-c '((?:[^']|'')*)'", text):
+        assert '"' not in code, code
