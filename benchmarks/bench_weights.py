@@ -14,6 +14,10 @@ Full-size SCAIL DiT (16.4 B parameters) with random weights, one CFG step at
            RssFile (page cache, reclaimable).
   pinned   (with files) the same in 'pinned' mode too, one pinned master
            per layer (30 GiB of RAM), for the stream-vs-pinned step time.
+  fp8mm    (with files and the fp8 file) the fp8 file resident, upcast (the
+           default) and with fp8 matmuls (weights kept fp8 on the GPU,
+           torch._scaled_mm: scail_win.fp8_linear), and streamed at the card
+           size with fp8 matmuls.
 
 Usage (GPU machine, after `. benchmarks/gpu_env.sh`):
     python benchmarks/bench_weights.py --scail-root .scail --dir /tmp/w --out $OUT
@@ -110,9 +114,9 @@ def stage_fp8(args, cfg, res, dit, inputs):
 
 
 def stage_files(args, cfg, res, dit, inputs):
-    from scail_win import memory, offload, weights
+    from scail_win import fp8_linear, memory, offload, weights
     from scail_win.diffusion_video import build_dit
-    from scail_win.model_loader import _SplitCFG, place_dit
+    from scail_win.model_loader import _SplitCFG, largest_group_gpu_bytes, place_dit
 
     dev = torch.device("cuda", 0)
     folder = Path(args.dir)
@@ -134,7 +138,7 @@ def stage_files(args, cfg, res, dit, inputs):
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(dev).total_memory
 
-    def run(label, path, mode):
+    def run(label, path, mode, fp8_matmul=False):
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.synchronize()
@@ -144,23 +148,27 @@ def stage_files(args, cfg, res, dit, inputs):
         source = weights.open_state_dict(path)
         fp8 = "fp8" in path.name
         groups = offload.scail_layer_groups(model)
+        fp8_mm = fp8_linear.plan_fp8_matmul(model, dev, fp8_matmul, fp8)
         resident_bytes = (sum(p.numel() for p in model.parameters()) - sum(g.numel for g in groups)) * 2
-        dit_spec, *_ = memory.scail_specs(*args.size, 81, group_bytes=max(g.numel for g in groups) * 2,
+        dit_spec, *_ = memory.scail_specs(*args.size, 81,
+                                          group_bytes=largest_group_gpu_bytes(model, groups, frozenset(fp8_mm)),
                                           resident_bytes=resident_bytes,
                                           dit_host_bytes_per_param=1 if fp8 else 2)
-        keep = set()
+        keep = set(fp8_mm)
         if mode != "resident":
             names = {id(t): n for n, t in model.named_parameters()}
-            keep = {names[id(t)] for g in groups for t in g.tensors if id(t) in names}
+            keep |= {names[id(t)] for g in groups for t in g.tensors if id(t) in names}
         weights.load_into(model, source, placement="cpu" if mode != "resident" else dev, dtype=torch.bfloat16,
                           keep_fp8=lambda n: n in keep, strict=True)
+        if fp8_mm:
+            fp8_linear.install_fp8_linears(model, fp8_mm, dev)
         model.eval()
         swap = None
         step = bd.Step(cfg, model)
         if mode != "resident":
             plan = memory.plan_memory(dit_spec, total_vram_bytes=int(args.card * GIB), offload_mode=mode)
             torch.cuda.set_per_process_memory_fraction(args.card * GIB / total, dev)
-            cw = weights.CheckpointWeights(source, dtype=torch.bfloat16)
+            cw = weights.CheckpointWeights(source, dtype=torch.bfloat16, keep_fp8=fp8_mm.__contains__)
             placement = place_dit(model, plan, dev, cw)
             swap = placement.swap
             if plan.cfg_split:
@@ -202,6 +210,10 @@ def stage_files(args, cfg, res, dit, inputs):
     run(f"bf16 stream {args.card:g}GiB", files["bf16"], "stream")
     if "fp8" in files:
         run(f"fp8 stream {args.card:g}GiB", files["fp8"], "stream")
+    if "fp8" in files and "fp8mm" in args.stages:
+        run("fp8 resident", files["fp8"], "resident")
+        run("fp8 resident fp8-matmul", files["fp8"], "resident", fp8_matmul=True)
+        run(f"fp8 stream {args.card:g}GiB fp8-matmul", files["fp8"], "stream", fp8_matmul=True)
     bd.table("From safetensors files: build + mmap load + first step", (
         "run", "ready s", "1st step s", "step s", "peak alloc GiB", "RssAnon GiB", "RssFile GiB", "rel err",
         "status"), rows)

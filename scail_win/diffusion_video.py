@@ -9,7 +9,8 @@ uses, so upstream's own ``sampling_main`` runs against it too. What differs:
   lets those modules import on a machine without CUDA), and
   ``empty_weights=True`` builds the DiT on ``meta`` for the weights loader;
 * with one process, attention skips the Ulysses all-to-all collectives
-  (:mod:`scail_win.attention`) and no barrier or broadcast is issued;
+  and runs on the kernel ``args.attention`` names (:mod:`scail_win.attention`),
+  and no barrier or broadcast is issued;
 * where each component lives, and when it moves, is decided in one place:
   :meth:`SATVideoDiffusionEngine.phase`, which asks the memory plan.
 """
@@ -181,6 +182,10 @@ class SATVideoDiffusionEngine(nn.Module):
         self.disable_first_stage_autocast = model_config.get("disable_first_stage_autocast", False)
         self.no_cond_log = self.disable_first_stage_autocast
         self.dtype, self.dtype_str = _dtype_from_args(args)
+        # Before anything loads: a forced --attention kernel that is not
+        # installed fails now; the kernel itself is probed on the first call.
+        from . import attention
+        self.attention = attention.configure(getattr(args, "attention", None))
         self.device = torch.device(getattr(args, "device", "cpu") if not isinstance(getattr(args, "device", "cpu"), int)
                                    else f"cuda:{args.device}")
         self.compute_device = self.device

@@ -201,6 +201,21 @@ def check_optional() -> list[Check]:
     return checks
 
 
+def check_attention() -> Check:
+    """Which ``--attention`` kernels import here (the GPU probe runs with the first sample)."""
+    try:
+        from scail_win import attention
+        found = attention.available_backends()
+    except Exception as e:  # a broken kernel package must not break the doctor
+        return Check("attention", "WARN", f"cannot check the attention kernels ({e.__class__.__name__}: {e})",
+                     "reinstall scail-win")
+    usable = [name for name, state in found.items() if state == "available"]
+    missing = "; ".join(f"{attention.PACKAGES[name][0]} {state}" for name, state in found.items()
+                        if state != "available")
+    detail = f"--attention auto can use {', '.join(usable)}" + (f" ({missing})" if missing else "")
+    return Check("attention", "OK", detail)
+
+
 def check_hook() -> Check:
     """The startup hook's state as scail_win.hook.status() reports it."""
     try:
@@ -375,6 +390,7 @@ def run_checks(weights: str | None = None, scail: str | None = None, output: str
     checks += check_gpus(torch)
     checks += check_memory()
     checks += check_optional()
+    checks.append(check_attention())
     checks.append(check_hook())
     scail_check, scail_root = check_scail(scail)
     checks.append(scail_check)

@@ -21,8 +21,8 @@ token, but a chunk of tokens at a time wherever the work is per token:
 2. RoPE on the whole q and k, in place (scail-win's fused RoPE mixin is told
    to rotate in place while lean layers are installed);
 3. attention over the whole sequence through the model's ``attention_fn``
-   hook (PyTorch SDPA: flash/efficient kernels keep no tokens x tokens
-   temporaries); q, k, v are freed;
+   hook (the ``--attention`` kernel, :mod:`scail_win.attention`; none keeps
+   tokens x tokens temporaries); q, k, v are freed;
 4. for each chunk: output projection and gated residual add, cross-attention
    (text and CLIP keys/values are projected once per layer; only the
    queries are chunked) and its residual add, modulated FFN and its gated

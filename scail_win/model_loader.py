@@ -125,12 +125,20 @@ def _component_files(model_config, layout) -> Dict[str, Path]:
 # -- the memory plan ----------------------------------------------------------------
 
 
-def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: int = 2):
+def largest_group_gpu_bytes(dit: nn.Module, groups, fp8_on_gpu=frozenset()) -> int:
+    """GPU bytes of the largest layer group: bf16, and one byte a parameter for ``fp8_on_gpu`` weights."""
+    fp8_ids = {id(p) for n, p in dit.named_parameters() if n in fp8_on_gpu}
+    return max(sum(t.numel() * (1 if id(t) in fp8_ids else 2) for t in g.tensors) for g in groups)
+
+
+def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: int = 2,
+              fp8_on_gpu: frozenset = frozenset()):
     """The memory plan for ``dit`` on ``device``, or None when nothing needs planning.
 
     None means: a CPU run, or ``--offload none`` (everything where upstream
     puts it). Otherwise the sampling size in ``args`` (and at most
-    ``max_frames``) is what the plan must fit.
+    ``max_frames``) is what the plan must fit. ``fp8_on_gpu``: names of the
+    weights that stay fp8 on the GPU (fp8 matmul), one byte a parameter there.
     """
     from . import memory, offload
     from .host_memory import available_ram
@@ -140,11 +148,11 @@ def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: 
     height, width = (int(v) for v in args.sampling_image_size)
     frames = int(getattr(args, "max_frames", None) or MAX_FRAMES_DEFAULT)
     groups = offload.scail_layer_groups(dit)
-    group_params = max(g.numel for g in groups)
+    group_bytes = largest_group_gpu_bytes(dit, groups, fp8_on_gpu)
     total_params = sum(p.numel() for p in dit.parameters())
     resident_params = total_params - sum(g.numel for g in groups)
     dit_spec, t5_spec, clip_spec, vae_spec = memory.scail_specs(
-        height, width, frames, group_bytes=group_params * 2, resident_bytes=resident_params * 2,
+        height, width, frames, group_bytes=group_bytes, resident_bytes=resident_params * 2,
         dit_host_bytes_per_param=host_bytes_per_param)
     budget = getattr(args, "vram_budget", None)
     total = torch.cuda.get_device_properties(device).total_memory
@@ -281,7 +289,10 @@ def build(args, model_cls=None):
     specs = lora.specs_from_args(args)
     loras = lora.read_loras(dit, specs) if specs else None
     fp8 = layout is not None and (layout.dit_dtype or "").startswith("fp8")
-    plan = make_plan(args, dit, device, host_bytes_per_param=1 if fp8 else 2)
+    from . import fp8_linear
+
+    fp8_matmul = fp8_linear.plan_fp8_matmul(dit, device, getattr(args, "fp8_matmul", False), fp8)
+    plan = make_plan(args, dit, device, host_bytes_per_param=1 if fp8 else 2, fp8_on_gpu=frozenset(fp8_matmul))
 
     source = None
     if layout is not None:
@@ -292,18 +303,41 @@ def build(args, model_cls=None):
         swapped = _swapped_names(dit, plan) if fp8 else set()
         log.info("reading the DiT weights from %s", layout.dit)
         result = weights.load_into(dit, source, prefix=DIT_PREFIX, placement=dit_load_device(plan, device),
-                                   dtype=engine.dtype, keep_fp8=lambda name: name in swapped, strict=False)
+                                   dtype=engine.dtype, keep_fp8=lambda name: name in swapped or name in fp8_matmul,
+                                   strict=False)
         if result.meta_left:
             raise UserError(f"{layout.dit} lacks {len(result.meta_left)} DiT tensors "
                             f"(first: {DIT_PREFIX}{result.meta_left[0]}); is it a SCAIL-Preview checkpoint?")
         if result.unexpected_keys:
             log.warning("%d checkpoint tensors are not used by this config (first: %s)",
                         len(result.unexpected_keys), result.unexpected_keys[0])
-    weight_source = weights.CheckpointWeights(source, prefix=DIT_PREFIX, dtype=engine.dtype) if fp8 else None
+    weight_source = None
+    if fp8:
+        weight_source = weights.CheckpointWeights(source, prefix=DIT_PREFIX, dtype=engine.dtype,
+                                                  keep_fp8=fp8_matmul.__contains__)
+    if fp8_matmul:
+        engine.fp8_linears = fp8_linear.install_fp8_linears(dit, fp8_matmul, device)
     placement = apply_memory_plan(engine, plan, device, weight_source)
     if loras is not None:
         loras.apply(dit, device=device, swap=placement.swap)
+    install_step_cache(engine, args, plan, placement, device)
     return engine
+
+
+def install_step_cache(engine, args, plan, placement: DiTPlacement, device: torch.device) -> None:
+    """``--step-cache``: the first-block cache, outermost on the DiT's layer hook (after the placement).
+
+    Its two activation-sized tensors per CFG half go to pinned RAM when the
+    plan already had to offload (an 8 GB card has no room for them).
+    """
+    from .step_cache import install_step_cache as install, step_cache_threshold
+
+    threshold = step_cache_threshold(args)
+    if not threshold:
+        return
+    offloaded = plan is not None and (placement.swap is not None or plan.cfg_split)
+    storage = "cpu" if offloaded and device.type == "cuda" else "device"
+    engine.step_cache = install(engine.model.diffusion_model, threshold, storage=storage)
 
 
 def dit_load_device(plan, device: torch.device):

@@ -1091,8 +1091,9 @@ class CheckpointWeights:
     ``master_for`` hands out the file's memory-mapped tensors as CPU
     masters, so fp8 weights stay fp8 in RAM and over PCIe; ``materialize``
     (pass it to BlockSwap too) makes the device copy and upcasts fp8 there
-    with its scale to ``dtype`` (default bf16); other tensors are copied as
-    stored.  ``name`` is the tensor's name in the swapped model; the
+    with its scale to ``dtype`` (default bf16) -- except the weights
+    ``keep_fp8(name)`` names, which arrive in fp8 for
+    :mod:`scail_win.fp8_linear` -- and copies other tensors as stored.  ``name`` is the tensor's name in the swapped model; the
     checkpoint key is ``prefix + name``.  Tensors the file lacks (such as
     the fp8 scale buffers :func:`load_into` registers) come from the model.
 
@@ -1102,12 +1103,14 @@ class CheckpointWeights:
     materialize=cw.materialize)``.
     """
 
-    def __init__(self, source: TensorSource, *, prefix: str = "", dtype: "torch.dtype | None" = None):
+    def __init__(self, source: TensorSource, *, prefix: str = "", dtype: "torch.dtype | None" = None,
+                 keep_fp8: Callable[[str], bool] | None = None):
         import torch
 
         self.source = source
         self.prefix = prefix
         self.dtype = dtype or torch.bfloat16
+        self.keep_fp8 = keep_fp8
         self._scales: dict[tuple[str, str], "torch.Tensor"] = {}
 
     def master_for(self, name: str, tensor: "torch.Tensor") -> "torch.Tensor":
@@ -1125,7 +1128,7 @@ class CheckpointWeights:
     def materialize(self, src: "torch.Tensor", device: "torch.device", name: str) -> "torch.Tensor":
         key = self.prefix + name
         scale = self.source.raw(key)[1] if key in self.source else None
-        if scale is None:
+        if scale is None or (self.keep_fp8 is not None and self.keep_fp8(name)):
             return src.to(device, non_blocking=True, copy=True)
         key = (name, str(device))
         if key not in self._scales:

@@ -22,8 +22,16 @@
     python.exe (3.10, 3.11 or 3.12) that creates the environment. Default: the
     newest of those the py launcher knows, else python on PATH.
 
+.PARAMETER Fast
+    Also install the optional kernels triton-windows and sageattention
+    (`--attention auto` then uses SageAttention where it runs). Never
+    required: if they fail to install, the script warns and goes on.
+
 .EXAMPLE
     powershell -ExecutionPolicy Bypass -File scripts\install.ps1
+
+.EXAMPLE
+    powershell -ExecutionPolicy Bypass -File scripts\install.ps1 -Fast
 
 .EXAMPLE
     powershell -ExecutionPolicy Bypass -File "C:\My Tools\scail-win\scripts\install.ps1" -Venv "D:\envs\scail win" -Cuda cu126
@@ -33,7 +41,8 @@ param(
     [string]$Venv = '',
     [ValidatePattern('^(cu\d{3}|cpu)$')]
     [string]$Cuda = 'cu128',
-    [string]$Python = ''
+    [string]$Python = '',
+    [switch]$Fast
 )
 
 $ErrorActionPreference = 'Stop'
@@ -96,6 +105,22 @@ Invoke-Native $VenvPython @('-m', 'pip', 'install', 'torch', 'torchvision',
                             '--index-url', "https://download.pytorch.org/whl/$Cuda")
 Invoke-Native $VenvPython @('-m', 'pip', 'install', '-r', $Requirements)
 Invoke-Native $VenvPython @('-m', 'pip', 'install', $Root)
+
+if ($Fast) {
+    # Each triton-windows minor release works with one torch minor release
+    # (triton-windows' notes); the pairs known when this was written:
+    $TritonFor = @{ '6' = '<3.3'; '7' = '<3.4'; '8' = '<3.5'; '9' = '<3.6'; '10' = '<3.7' }
+    try {
+        # No double quotes in a native argument: Windows PowerShell 5.1 drops them.
+        $TorchMinor = & $VenvPython -c 'import torch; print(torch.__version__.split(''.'')[1])'
+        $Triton = 'triton-windows'
+        if ($TritonFor.ContainsKey("$TorchMinor")) { $Triton += $TritonFor["$TorchMinor"] }
+        Write-Host "Installing the optional kernels: $Triton sageattention"
+        Invoke-Native $VenvPython @('-m', 'pip', 'install', $Triton, 'sageattention')
+    } catch {
+        Write-Warning "the optional kernels did not install ($_); scail-win runs without them (PyTorch attention)"
+    }
+}
 
 Write-Host ''
 Write-Host 'Checking the installation (scail-win doctor):'

@@ -88,3 +88,25 @@ def test_install_script_names_existing_files_and_pytorch_index():
     assert re.search(r"\[ValidatePattern\('\^\(cu\\d\{3\}\|cpu\)\$'\)\]\s*\[string\]\$Cuda", text)
     for param in ("$Venv", "$Cuda", "$Python"):
         assert f"[string]{param}" in text
+
+
+def test_install_script_fast_switch_is_optional_and_never_fatal():
+    text = (SCRIPTS / "install.ps1").read_text(encoding="utf-8-sig")
+    assert re.search(r"\[switch\]\$Fast\s*\)", text), "-Fast is a switch parameter"
+    assert ".PARAMETER Fast" in text
+    block = text[text.index("if ($Fast) {"):]
+    block = block[:block.index("\n}\n") + 2]
+    # Both packages in one pip call, inside a try whose catch only warns.
+    assert re.search(r"try \{.*Invoke-Native \$VenvPython @\('-m', 'pip', 'install', \$Triton, 'sageattention'\)"
+                     r".*\} catch \{\s*Write-Warning", block, re.S)
+    assert "$Triton = 'triton-windows'" in block
+    assert "throw" not in block.split("catch", 1)[1]
+    # The plain install never mentions them.
+    assert "sageattention" not in text.replace(block, "").split("#>", 1)[1]
+
+
+def test_install_script_passes_no_double_quotes_inside_python_code():
+    # Windows PowerShell 5.1 strips embedded double quotes from native arguments.
+    text = (SCRIPTS / "install.ps1").read_text(encoding="utf-8-sig")
+    for code in re.findall(r"-c '((?:[^']|'')*)'", text):
+        assert '"' not in code, code
