@@ -16,7 +16,7 @@ float32 like the kernel, then clipped, times 255, truncated to uint8.
 Rays that cannot come within reach of any capsule (outside every capsule's
 bounding sphere, with a margin) are not traced: sphere tracing can only miss
 them, so skipping them changes no pixel.  Frames are processed in batches
-and rays in chunks, which bounds memory whatever the video length.
+and rays in a bounded pool, which bounds memory whatever the video length.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ NORMAL_STEP = 1e-3
 NO_SURFACE = 1e6  # the kernel's initial "nearest distance"; nothing farther is seen
 DEGENERATE_LENGTH = 1e-8
 SHININESS = 32
-# Elements of one (rays x cylinders) plane per chunk: about 8 MiB per float
+# Elements of one (rays x cylinders) plane of the ray pool: 8 MiB per float
 # plane, a few dozen MiB of live temporaries while tracing.
 CHUNK_ELEMENTS = 1 << 21
 
@@ -122,28 +122,41 @@ def _candidates(rays, scene, batch_frames, radius):
     return torch.cat(frames), torch.cat(pixels)
 
 
-def _trace(rd, frame, scene, zfar):
-    """Sphere-trace rays rd (n, 3) from the origin; returns hit mask, hit points, capsule index."""
-    n = rd.shape[0]
-    hit_mask = torch.zeros(n, dtype=torch.bool, device=rd.device)
-    hit_p = torch.zeros((n, 3), dtype=torch.float32, device=rd.device)
-    hit_k = torch.zeros(n, dtype=torch.long, device=rd.device)
-    ids = torch.arange(n, device=rd.device)
-    t = torch.full((n,), ZNEAR, dtype=torch.float32, device=rd.device)
-    dirs, frames = rd, frame
-    for _ in range(MAX_STEPS):
+def _trace(rays, cand_frame, cand_pixel, scene, zfar, pool):
+    """Sphere-trace the candidate rays; returns their hit mask, hit points and capsule index.
+
+    At most `pool` rays are marched at once and the pool is refilled as rays
+    hit or give up, so the few grazing rays that need all 300 steps share
+    their late iterations with fresh rays instead of each chunk paying them.
+    """
+    total, device = cand_pixel.numel(), rays.device
+    hit_mask = torch.zeros(total, dtype=torch.bool, device=device)
+    hit_p = torch.zeros((total, 3), dtype=torch.float32, device=device)
+    hit_k = torch.zeros(total, dtype=torch.long, device=device)
+    ids = torch.zeros(0, dtype=torch.long, device=device)
+    t = torch.zeros(0, dtype=torch.float32, device=device)
+    steps = torch.zeros(0, dtype=torch.int32, device=device)
+    queued = 0
+    while True:
+        room = min(pool - ids.numel(), total - queued)
+        if room > 0:
+            ids = torch.cat([ids, torch.arange(queued, queued + room, device=device)])
+            t = torch.cat([t, torch.full((room,), ZNEAR, dtype=torch.float32, device=device)])
+            steps = torch.cat([steps, torch.zeros(room, dtype=torch.int32, device=device)])
+            queued += room
         if ids.numel() == 0:
             break
-        p = dirs * t[:, None]
-        d, k = scene.sdf(p, frames)
+        p = rays[cand_pixel[ids]] * t[:, None]
+        d, k = scene.sdf(p, cand_frame[ids])
         hit = d < HIT_DISTANCE
         hit_ids = ids[hit]
         hit_mask[hit_ids] = True
         hit_p[hit_ids] = p[hit]
         hit_k[hit_ids] = k[hit]
-        go = ~hit & ~(t > zfar)
+        steps = steps + 1
+        go = ~hit & ~(t > zfar) & (steps < MAX_STEPS)
         t = (t + d.clamp(min=MIN_STEP))[go]
-        ids, dirs, frames = ids[go], dirs[go], frames[go]
+        ids, steps = ids[go], steps[go]
     return hit_mask, hit_p, hit_k
 
 
@@ -168,7 +181,7 @@ def _shade(p, rd, frame, k, scene, colors, near, denom):
 
 
 def render_cylinders(specs_per_frame: Sequence[Sequence], height: int, width: int, fx: float, fy: float,
-                     cx: float, cy: float, radius: float = 21.5, device=None, batch: int = 8,
+                     cx: float, cy: float, radius: float = 21.5, device=None, batch: int = 16,
                      progress: bool = False) -> np.ndarray:
     """Render each frame's (start, end, rgba) capsules: (T, height, width, 4) uint8 RGBA.
 
@@ -199,21 +212,20 @@ def render_cylinders(specs_per_frame: Sequence[Sequence], height: int, width: in
 
     rays = _pixel_rays(height, width, fx, fy, cx, cy, device)
     pixels = height * width
-    per_chunk = max(1, CHUNK_ELEMENTS // starts.shape[1])
+    pool = max(1, CHUNK_ELEMENTS // starts.shape[1])
     with torch.no_grad(), tqdm(total=frames, desc="render 3D", unit="frame", disable=not progress) as bar:
         for f0 in range(0, frames, batch):
             f1 = min(frames, f0 + batch)
             scene = _Scene(starts[f0:f1], ends[f0:f1], valid[f0:f1], radius)
             image = torch.zeros(((f1 - f0) * pixels, 4), dtype=torch.uint8, device=device)
             cand_f, cand_p = _candidates(rays, scene, f1 - f0, radius)
-            for c0 in range(0, cand_f.numel(), per_chunk):
-                fr, px = cand_f[c0:c0 + per_chunk], cand_p[c0:c0 + per_chunk]
-                rd = rays[px]
-                hit, p, k = _trace(rd, fr, scene, zfar)
-                if not bool(hit.any()):
-                    continue
-                rgba = _shade(p[hit], rd[hit], fr[hit], k[hit], scene, colors[f0:f1], float(near), denom)
-                image[fr[hit] * pixels + px[hit]] = (rgba.clamp(0.0, 1.0) * 255).to(torch.uint8)
+            hit, p, k = _trace(rays, cand_f, cand_p, scene, zfar, pool)
+            cand_f, cand_p, p, k = cand_f[hit], cand_p[hit], p[hit], k[hit]
+            for c0 in range(0, cand_f.numel(), pool):  # shading evaluates the SDF 6 times: chunked too
+                fr, px = cand_f[c0:c0 + pool], cand_p[c0:c0 + pool]
+                rgba = _shade(p[c0:c0 + pool], rays[px], fr, k[c0:c0 + pool], scene, colors[f0:f1],
+                              float(near), denom)
+                image[fr * pixels + px] = (rgba.clamp(0.0, 1.0) * 255).to(torch.uint8)
             out[f0:f1] = image.reshape(f1 - f0, height, width, 4).cpu().numpy()
             bar.update(f1 - f0)
     return out
