@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import pose_fixtures as fx
+import pose_models_fixtures as fx
 import upstream_pose
 from scail_win.pose import align
 

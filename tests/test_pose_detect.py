@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("onnxruntime", reason="the pose extra (onnxruntime) is not installed")
 pytest.importorskip("cv2", reason="the pose extra (opencv-python-headless) is not installed")
 
-import pose_fixtures as fx  # noqa: E402
+import pose_models_fixtures as fx  # noqa: E402
 import upstream_pose  # noqa: E402
 from scail_win.errors import UserError  # noqa: E402
 from scail_win.pose import detect  # noqa: E402

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import pose_fixtures as fx
+import pose_models_fixtures as fx
 from scail_win.errors import UserError
 from scail_win.pose import models, nlf
 
