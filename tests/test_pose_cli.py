@@ -131,3 +131,13 @@ def test_bad_flag_combination(inputs, stand_ins, tmp_path, capsys):
         main(_args(driving, ref, tmp_path / "out", stand_ins)[:-1] + ["--quiet", "--resolution", "63", "112"])
     assert exc.value.code == 2
     assert "--resolution" in capsys.readouterr().err
+
+
+def test_help_names_the_model_files_and_the_extra(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["pose", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for needle in ("yolox_l.onnx", "dw-ll_ucoco_384.onnx", "nlf_l_multi_0.3.2.torchscript",
+                   "pip install scail-win[pose]", "--align", "(default: auto)"):
+        assert needle in text

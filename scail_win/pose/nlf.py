@@ -80,7 +80,13 @@ def run_nlf(model, frames: torch.Tensor, boxes_per_frame: Sequence[Sequence], de
             for slot, (t, box) in enumerate(chunk):
                 x1, y1, x2, y2 = box_pixels(box, height, width)
                 buffer[slot, y1:y2, x1:x2] = frames[t, y1:y2, x1:x2].to(device)
-            pred = model.detect_smpl_batched(buffer[:len(chunk)].permute(0, 3, 1, 2))
+            try:
+                pred = model.detect_smpl_batched(buffer[:len(chunk)].permute(0, 3, 1, 2))
+            except RuntimeError as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                hint = ("; the released NLF model is reported to need a CUDA GPU" if torch.device(device).type == "cpu"
+                        else "; try a smaller --nlf-batch" if "out of memory" in first.lower() else "")
+                raise UserError(f"NLF failed on {device}: {first}{hint}") from None
             found = pred.get("joints3d_nonparam") if isinstance(pred, dict) else None
             if found is None or len(found) != len(chunk):
                 raise UserError("the NLF model's detect_smpl_batched gave no joints3d_nonparam per image; "

@@ -140,7 +140,18 @@ def _release(device: torch.device) -> None:
 
 
 def run_pose(job: PoseJob) -> PoseResult:
-    """Run the whole job; returns where it wrote and how long each stage took."""
+    """Run the whole job; returns where it wrote and how long each stage took.
+
+    Whatever happens, the models are released and the GPU cache emptied
+    before it returns.
+    """
+    try:
+        return _run(job)
+    finally:
+        _release(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+
+
+def _run(job: PoseJob) -> PoseResult:
     from scail_win.pose.compose import render_pose_video
     from scail_win.pose.skeleton import smpl_to_coco18
 
