@@ -122,3 +122,52 @@ def test_first_person_poses_keeps_scail_pose_cut():
     cut = align.first_person_poses([two])[0]
     assert cut["faces"].shape == (1, 68, 2) and cut["hands"].shape == (2, 21, 2)
     assert cut["bodies"]["candidate"].shape == (1, 24, 2)
+
+
+def test_align_steps_match_scail_pose(monkeypatch):
+    """scale_faces, the first-person cut and the 2D shift as process_pose.py / nlf_render.py run them."""
+    import copy
+
+    import torch
+
+    from scail_win.pose import nlf
+
+    up = upstream_pose.functions(monkeypatch, "NLFPoseExtract/process_pose.py", ("scale_faces", "recollect_dwposes"))
+    up.update(upstream_pose.functions(monkeypatch, "NLFPoseExtract/nlf_render.py",
+                                      ("p3d_single_p2d", "scale_around_center", "shift_dwpose_according_to_nlf",
+                                       "collect_smpl_poses")))
+    rng = np.random.default_rng(3)
+
+    def pose(people):
+        faces = rng.uniform(0.2, 0.8, (people, 68, 2))
+        faces[:, ::7] = -1  # hidden points take part upstream too
+        return {"bodies": {"candidate": rng.uniform(0.2, 0.8, (people, 24, 2)),
+                           "subset": np.tile(np.arange(24.0), (people, 1))},
+                "faces": faces, "hands": rng.uniform(0.2, 0.8, (2 * people, 21, 2))}
+
+    poses = [pose(2), pose(1), pose(2)]
+    ref = pose(1)
+    person = fx.standing_person()
+    nlf_per_frame = [[np.stack([person, person * 1.01]), np.stack([person])], [np.zeros((0, 24, 3), np.float32)], []]
+    camera = align.intrinsics_from_fov(H, W)
+    moved = camera.copy()
+    moved[0, 0] *= 1.1
+    moved[1, 1] *= 1.1 * 0.95
+    moved[0, 2] += 25
+
+    theirs = copy.deepcopy(poses)
+    their_scale = up["scale_faces"](theirs, [copy.deepcopy(ref)])
+    theirs = up["recollect_dwposes"](theirs)
+    data = [{"nlfpose": [torch.from_numpy(j) for j in per_box][:1]} for per_box in nlf_per_frame]
+    up["shift_dwpose_according_to_nlf"](up["collect_smpl_poses"](data), theirs, camera, moved, H, W,
+                                        scale_x=1.1, scale_y=1.1 * 0.95)
+
+    ours = copy.deepcopy(poses)
+    assert align.scale_faces(ours, copy.deepcopy(ref)) == pytest.approx(their_scale)
+    ours = align.first_person_poses(ours)
+    align.shift_to_camera(nlf.first_person(nlf_per_frame), ours, camera, moved, H, W, scale_x=1.1, scale_y=1.1 * 0.95)
+    for a, b in zip(ours, theirs):
+        for key in ("faces", "hands"):
+            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a["bodies"]["candidate"], b["bodies"]["candidate"], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(a["bodies"]["subset"], b["bodies"]["subset"])

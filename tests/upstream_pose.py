@@ -54,3 +54,21 @@ def align3d(monkeypatch):
     sympy.beta = None
     monkeypatch.setitem(sys.modules, "sympy", sympy)
     return _load("upstream_align3d", root() / "NLFPoseExtract" / "align3d.py")
+
+
+def functions(monkeypatch, relpath: str, names: tuple[str, ...]) -> dict:
+    """Top-level functions of a SCAIL-Pose file, compiled alone (its imports need the GPU environment)."""
+    import ast
+
+    import numpy as np
+    import torch
+
+    path = root() / relpath
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    wanted = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names]
+    missing = set(names) - {node.name for node in wanted}
+    if missing:
+        raise LookupError(f"{path} has no {sorted(missing)}")
+    namespace = {"np": np, "torch": torch, "copy": __import__("copy")}
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), str(path), "exec"), namespace)
+    return {name: namespace[name] for name in names}
