@@ -137,3 +137,30 @@ def test_default_folder_order(tmp_path, monkeypatch):
 def test_models_flag_must_be_a_folder(tmp_path):
     with pytest.raises(UserError, match="--models"):
         models.resolve_models_dir(tmp_path / "nope")
+
+
+def test_crops_match_scail_pose_process_video_nlf(monkeypatch, recorder):
+    """The masked frames NLF sees equal those of SCAIL-Pose's process_video_nlf (run on the CPU here)."""
+    import ast
+    import math
+
+    import upstream_pose
+
+    path = upstream_pose.root() / "NLFPoseExtract" / "extract_nlfpose_batch.py"
+    node = next(n for n in ast.parse(path.read_text(encoding="utf-8")).body
+                if isinstance(n, ast.FunctionDef) and n.name == "process_video_nlf")
+    # Upstream pins everything to CUDA; the same code on the CPU.
+    source = ast.unparse(node).replace(".cuda()", ".cpu()").replace("'cuda'", "'cpu'")
+    source = source.replace("torch.cuda.empty_cache()", "None")
+    namespace = {"torch": torch, "math": math}
+    exec(compile(source, str(path), "exec"), namespace)
+    rng = np.random.default_rng(0)
+    frames = torch.from_numpy(rng.integers(1, 256, (3, 40, 72, 3), dtype=np.uint8))
+    boxes = [[[0.1, 0.2, 0.5, 0.9], [0.6, 0.0, 1.0, 0.4]], [], [[0.33, 0.41, 0.77, 0.52]]]
+    theirs = namespace["process_video_nlf"](recorder, frames, boxes)
+    ours = nlf.run_nlf(recorder, frames, boxes, "cpu", batch_size=2, progress=False)
+    for frame_theirs, frame_ours in zip(theirs, ours):
+        assert len(frame_theirs["nlfpose"]) == len(frame_ours)
+        for a, b in zip(frame_theirs["nlfpose"], frame_ours):
+            # Non-zero count and pixel sum of the masked frame (the batch size differs: 64 there).
+            np.testing.assert_array_equal(a.numpy()[0, 0, :2], b[0, 0, :2])
