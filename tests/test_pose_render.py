@@ -308,3 +308,20 @@ def test_pose_video_overlays_2d_per_channel_and_drops_alpha():
     assert over_limb.any()
     assert (video[0][over_limb][:, :2] == rgba[0][over_limb][:, :2]).all()
     np.testing.assert_array_equal(compose.render_pose_video(joints, None, K, H, W, radius=RADIUS), rgba[..., :3])
+
+
+# --- benchmark ----------------------------------------------------------------
+
+def test_bench_pose_render_stage_prints_its_table(capsys):
+    pytest.importorskip("cv2")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_pose
+
+    bench_pose.main(["--stages", "render", "--device", "cpu", "--frames", "2", "--height", "48", "--width", "84",
+                     "--scail-pose-root", ""])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("scail-win pose stages at 48x84 on CPU")
+    assert lines[1].split()[:4] == ["stage", "frames", "seconds", "frames/s"]
+    rows = {line[:32].strip(): line[32:].split() for line in lines[2:]}
+    assert set(rows) == {"render 3D (ours)", "render 3D + 2D (ours)"}
+    assert all(float(cells[2]) > 0 and cells[3] == "-" for cells in rows.values())

@@ -149,12 +149,14 @@ def _trace(rays, cand_frame, cand_pixel, scene, zfar, pool):
         p = rays[cand_pixel[ids]] * t[:, None]
         d, k = scene.sdf(p, cand_frame[ids])
         hit = d < HIT_DISTANCE
-        hit_ids = ids[hit]
-        hit_mask[hit_ids] = True
-        hit_p[hit_ids] = p[hit]
-        hit_k[hit_ids] = k[hit]
+        # Active rays have not hit yet: write every one (a miss writes False and a
+        # point that a later hit overwrites), which needs no device sync.
+        hit_mask[ids] = hit
+        hit_p[ids] = p
+        hit_k[ids] = k
         steps = steps + 1
-        go = ~hit & ~(t > zfar) & (steps < MAX_STEPS)
+        # The one sync per step: which rays march on.
+        go = torch.nonzero(~hit & ~(t > zfar) & (steps < MAX_STEPS))[:, 0]
         t = (t + d.clamp(min=MIN_STEP))[go]
         ids, steps = ids[go], steps[go]
     return hit_mask, hit_p, hit_k

@@ -92,12 +92,14 @@ Spec = tuple[np.ndarray, np.ndarray, tuple[float, float, float, float]]
 def cylinder_specs(persons_joints: Sequence[np.ndarray]) -> list[Spec]:
     """The (start xyz, end xyz, rgba) cylinders of one frame, person by person in draw order.
 
-    persons_joints: one (24, 3) array (camera space, NLF's millimetres) per
-    person; an all-zero array is a person NLF did not find and draws nothing.
+    persons_joints: one (24, 3) array or tensor (camera space, NLF's
+    millimetres) per person; an all-zero array is a person NLF did not find and draws nothing.
     As SCAIL-Pose, a limb is left out when either end's coordinates sum to 0.
     """
     specs: list[Spec] = []
     for joints in persons_joints:
+        if hasattr(joints, "detach"):  # a torch tensor, maybe on the GPU, as NLF returns them
+            joints = joints.detach().cpu().numpy()
         joints = np.asarray(joints, dtype=np.float32)
         if joints.shape != (24, 3):
             raise ValueError(f"expected (24, 3) joints per person, got {joints.shape}")
