@@ -17,6 +17,10 @@ Stages:
           --device is cuda) renders the same frames: its frames/s, and the
           mean and max absolute pixel difference (RGBA, 0-255) of ours
           against it, plus the share of pixels off by more than 8.
+  detect, dwpose, nlf, pipeline
+          YOLOX, DWPose and NLF on the driving video's frames, and the whole
+          `scail-win pose` job: see benchmarks/pose_model_stages.py (real
+          models from --models, or --stand-in test models; each row says which).
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from pose_fixtures import dwpose_frame, project, walking_person  # noqa: E402
 from scail_win.pose import compose, render, skeleton  # noqa: E402
+
+import pose_model_stages  # noqa: E402  (benchmarks/: the detect, dwpose, nlf and pipeline stages)
 
 MiB = 1 << 20
 
@@ -137,7 +144,7 @@ def stage_render(args, device):
     return rows
 
 
-STAGES = {"render": stage_render}
+STAGES = {"render": stage_render, **pose_model_stages.MODEL_STAGES}
 
 
 def print_table(title, rows):
@@ -164,6 +171,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16, help="frames per renderer pass")
     parser.add_argument("--scail-pose-root", default=os.environ.get("SCAIL_POSE_ROOT"),
                         help="SCAIL-Pose checkout whose Taichi renderer to time and compare against")
+    pose_model_stages.add_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

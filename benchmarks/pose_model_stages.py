@@ -225,4 +225,17 @@ def stage_pipeline(args, device):
     return rows
 
 
-MODEL_STAGES = {"detect": stage_detect, "dwpose": stage_dwpose, "nlf": stage_nlf, "pipeline": stage_pipeline}
+def _skipping(stage, name):
+    """The stage, or one "skipped" row saying why (missing models or extra, no video)."""
+    from scail_win.errors import UserError
+
+    def run(args, device):
+        try:
+            return stage(args, device)
+        except UserError as exc:
+            return [dict(stage=name, note=f"skipped: {exc}")]
+    return run
+
+
+MODEL_STAGES = {"detect": _skipping(stage_detect, "YOLOX"), "dwpose": _skipping(stage_dwpose, "DWPose"),
+                "nlf": _skipping(stage_nlf, "NLF"), "pipeline": _skipping(stage_pipeline, "pipeline")}
