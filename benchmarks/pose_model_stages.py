@@ -122,6 +122,12 @@ def _detector(args, files):
     return detect.WholebodyDetector(files["yolox"], files["dwpose"], detect.choose_providers(args.pose_device))
 
 
+def _row(device, **row):
+    if device.type == "cuda":
+        row["note"] += "; peak = memory in use on the whole card"
+    return row
+
+
 def _timed(fn, device):
     with DevicePeak(device) as peak:
         if device.type == "cuda":
@@ -152,8 +158,8 @@ def stage_detect(args, device):
     seconds, peak, boxes = _timed(lambda: [detector.boxes(b) for b in bgr], torch_dev)
     found = sum(len(b) > 0 for b in boxes)
     args._boxes = boxes
-    return [dict(stage=f"YOLOX ({detector.det.get_providers()[0][:-17]})", frames=len(bgr), seconds=seconds,
-                 peak=peak, note=f"{note}; a person in {found}/{len(bgr)} frames")]
+    return [_row(torch_dev, stage=f"YOLOX ({detector.det.get_providers()[0][:-17]})", frames=len(bgr),
+                 seconds=seconds, peak=peak, note=f"{note}; a person in {found}/{len(bgr)} frames")]
 
 
 def stage_dwpose(args, device):
@@ -164,8 +170,8 @@ def stage_dwpose(args, device):
     detector.keypoints(bgr[0], boxes[0])
     seconds, peak, _ = _timed(lambda: [detector.keypoints(b, k) for b, k in zip(bgr, boxes)], torch_dev)
     crops = sum(max(len(k), 1) for k in boxes)
-    return [dict(stage=f"DWPose ({detector.pose.get_providers()[0][:-17]})", frames=len(bgr), seconds=seconds,
-                 peak=peak, note=f"{note}; {crops} crops")]
+    return [_row(torch_dev, stage=f"DWPose ({detector.pose.get_providers()[0][:-17]})", frames=len(bgr),
+                 seconds=seconds, peak=peak, note=f"{note}; {crops} crops")]
 
 
 def stage_nlf(args, device):
@@ -189,7 +195,7 @@ def stage_nlf(args, device):
     seconds, peak, _ = _timed(lambda: nlf.run_nlf(model, frames, boxes, torch_dev, batch_size=args.nlf_batch,
                                                   progress=False), torch_dev)
     torch_peak = f", torch peak {torch.cuda.max_memory_allocated() / MiB:.0f} MiB" if torch_dev.type == "cuda" else ""
-    return [dict(stage=f"NLF (torch {torch_dev.type}, batch {args.nlf_batch})", frames=len(frames),
+    return [_row(torch_dev, stage=f"NLF (torch {torch_dev.type}, batch {args.nlf_batch})", frames=len(frames),
                  seconds=seconds, peak=peak, note=f"{note}{torch_peak}")]
 
 
@@ -209,8 +215,8 @@ def stage_pipeline(args, device):
     torch_dev = pipeline.torch_device(args.pose_device)
     seconds, peak, result = _timed(lambda: pipeline.run_pose(job), torch_dev)
     parts = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
-    rows = [dict(stage="pipeline" + (" --align" if args.align else ""), frames=result.frames, seconds=seconds,
-                 peak=peak, note=f"{which}, {video.name}; {parts}")]
+    rows = [_row(torch_dev, stage="pipeline" + (" --align" if args.align else ""), frames=result.frames,
+                 seconds=seconds, peak=peak, note=f"{which}, {video.name}; {parts}")]
     if args.reference_video:
         ours, _ = video_io.read_video(result.video)
         theirs, _ = video_io.read_video(args.reference_video)

@@ -141,3 +141,24 @@ def test_help_names_the_model_files_and_the_extra(capsys):
     for needle in ("yolox_l.onnx", "dw-ll_ucoco_384.onnx", "nlf_l_multi_0.3.2.torchscript",
                    "pip install scail-win[pose]", "--align", "(default: auto)"):
         assert needle in text
+
+
+def test_out_must_be_a_folder(tmp_path, inputs, stand_ins, capsys):
+    driving, ref = inputs
+    taken = tmp_path / "afile"
+    taken.write_text("x")
+    assert main(_args(driving, ref, taken, stand_ins)) == 2
+    assert "--out" in _error_line(capsys)
+
+
+@pytest.mark.gpu
+def test_gpu_run_leaves_no_torch_memory(tmp_path, inputs, stand_ins):
+    import torch
+
+    from scail_win.pose.pipeline import PoseJob, run_pose
+
+    driving, ref = inputs
+    result = run_pose(PoseJob(driving=driving, ref=ref, out_dir=tmp_path / "out", models_dir=stand_ins,
+                              resolution=(64, 112), pose_device="auto", progress=False))
+    assert result.frames == FRAMES
+    assert torch.cuda.memory_allocated() == 0

@@ -81,6 +81,8 @@ def pose_size(height: int, width: int, resolution: Sequence[int]) -> tuple[int, 
 
 def output_paths(job: PoseJob) -> tuple[Path, Path]:
     """Where the video and the reference copy go; UserError if either is taken."""
+    if job.out_dir.exists() and not job.out_dir.is_dir():
+        raise UserError(f"--out {job.out_dir} is a file; give a folder")
     video = job.out_dir / ("rendered_aligned.mp4" if job.align else "rendered.mp4")
     if os.path.lexists(video):
         raise UserError(f"{video} already exists; choose another --out (nothing was overwritten)")
