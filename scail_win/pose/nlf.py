@@ -34,7 +34,11 @@ def load_nlf(path, device: torch.device | str):
     except ImportError:
         torchvision = None
     try:
-        model = torch.jit.load(str(path), map_location=device)
+        # Through a file object: paths with non-ASCII letters load on Windows too.
+        with open(path, "rb") as handle:
+            model = torch.jit.load(handle, map_location=device)
+    except OSError as exc:
+        raise UserError(f"cannot read NLF model {path}: {exc.strerror or exc}") from None
     except RuntimeError as exc:
         text = str(exc)
         if "torchvision" in text and torchvision is None:
