@@ -80,7 +80,7 @@ def test_neck_is_the_shoulders_mean(detector):
     bgr = np.ascontiguousarray(frame[..., ::-1])
     boxes = detector.boxes(bgr)
     keypoints, scores = detector.keypoints(bgr, boxes)
-    pose, _, _ = detect.to_dwpose_dict(keypoints, scores, boxes, 64, 112)
+    pose, _ = detect.to_dwpose_dict(keypoints, scores, boxes, 64, 112)
     neck = (keypoints[0, 5] + keypoints[0, 6]) / 2 / np.array([112, 64])
     np.testing.assert_allclose(pose["bodies"]["candidate"][0, 1], neck)
 

@@ -201,7 +201,7 @@ def decode_simcc(simcc_x: np.ndarray, simcc_y: np.ndarray, split: float = SIMCC_
 
 
 def to_dwpose_dict(keypoints: np.ndarray, scores: np.ndarray, boxes: np.ndarray, height: int, width: int):
-    """133 wholebody points of N people -> (pose dict, score dict, normalised boxes), as DWposeDetector returns."""
+    """133 wholebody points of N people -> (pose dict, normalised boxes), as DWposeDetector returns them."""
     info = np.concatenate((keypoints, scores[..., None]), axis=-1)
     neck = np.mean(info[:, [5, 6]], axis=1)
     neck[:, 2:4] = np.logical_and(info[:, 5, 2:4] > VISIBLE, info[:, 6, 2:4] > VISIBLE).astype(int)
@@ -213,7 +213,6 @@ def to_dwpose_dict(keypoints: np.ndarray, scores: np.ndarray, boxes: np.ndarray,
     body = candidate[:, :24].copy()
     # The subset holds each visible point's index, -1 otherwise.
     subset = np.where(score[:, :24] > VISIBLE, np.arange(24, dtype=score.dtype), -1.0)
-    body_score = subset.copy()
     hidden = score < VISIBLE
     # Upstream writes the indices into the scores before thresholding them,
     # so its body points all count as hidden there; only face and hands use this.
@@ -222,17 +221,14 @@ def to_dwpose_dict(keypoints: np.ndarray, scores: np.ndarray, boxes: np.ndarray,
     faces = candidate[:, 24:92]
     hands = np.vstack([candidate[:, 92:113], candidate[:, 113:]])
     pose = {"bodies": {"candidate": body, "subset": subset}, "hands": hands, "faces": faces}
-    scores_out = {"body_score": body_score, "hand_score": np.vstack([score[:, 92:113], score[:, 113:]]),
-                  "face_score": score[:, 24:92]}
     norm_boxes = [[float(x1 / width), float(y1 / height), float(x2 / width), float(y2 / height)]
                   for x1, y1, x2, y2 in boxes]
-    return pose, scores_out, norm_boxes
+    return pose, norm_boxes
 
 
 @dataclass
 class Detection:
     pose: dict          # DWPose dict, normalised coordinates
-    scores: dict
     boxes: list         # person boxes [x1, y1, x2, y2] / frame size, best first
 
 
@@ -276,5 +272,5 @@ class WholebodyDetector:
         bgr = np.ascontiguousarray(rgb[..., ::-1])
         boxes = self.boxes(bgr)
         keypoints, scores = self.keypoints(bgr, boxes)
-        pose, score_dict, norm_boxes = to_dwpose_dict(keypoints, scores, boxes, bgr.shape[0], bgr.shape[1])
-        return Detection(pose, score_dict, norm_boxes)
+        pose, norm_boxes = to_dwpose_dict(keypoints, scores, boxes, bgr.shape[0], bgr.shape[1])
+        return Detection(pose, norm_boxes)

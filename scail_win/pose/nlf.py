@@ -9,7 +9,6 @@ model's own units) is kept per box.
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence
 
@@ -18,8 +17,6 @@ import torch
 from tqdm import tqdm
 
 from scail_win.errors import UserError
-
-log = logging.getLogger(__name__)
 
 JOINTS = 24
 MARGIN_X, MARGIN_Y = 0.025, 0.05
