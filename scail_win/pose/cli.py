@@ -27,7 +27,9 @@ Needs the pose extra: pip install scail-win[pose]
 def build_parser() -> argparse.ArgumentParser:
     from scail_win.pose.pipeline import DEFAULT_RESOLUTION
 
-    p = argparse.ArgumentParser(prog="scail-win pose", description=__doc__.split("\n")[0].strip("`"),
+    p = argparse.ArgumentParser(prog="scail-win pose",
+                                description="Make SCAIL's pose video (rendered.mp4) from a driving video, "
+                                            "as SCAIL-Pose does for one person.",
                                 epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("driving", help="the driving video (any format FFmpeg reads)")
     p.add_argument("--ref", required=True, help="the reference image of the character")
