@@ -310,6 +310,16 @@ def test_pose_video_overlays_2d_per_channel_and_drops_alpha():
     np.testing.assert_array_equal(compose.render_pose_video(joints, None, K, H, W, radius=RADIUS), rgba[..., :3])
 
 
+def test_pose_video_rejects_a_bad_camera_or_mismatched_frames():
+    from scail_win.pose import compose
+
+    joints = walking_person(2)[:, None]
+    with pytest.raises(ValueError, match="3x3"):
+        compose.render_pose_video(joints, None, np.eye(4), H, W)
+    with pytest.raises(ValueError, match="2 frames of joints but 1 of DWPose"):
+        compose.render_pose_video(joints, [dwpose_frame(None, None, H, W)], K, H, W)
+
+
 # --- benchmark ----------------------------------------------------------------
 
 def test_bench_pose_render_stage_prints_its_table(capsys):
