@@ -1,4 +1,4 @@
-"""``python -m scail_win {sample,convert,doctor,hook}`` and the ``scail-win`` command.
+"""``python -m scail_win {sample,convert,doctor,hook,pose}`` and the ``scail-win`` command.
 
 Thin on purpose: each subcommand's module owns its parser and its
 ``main(argv) -> int``; nothing heavy is imported before one is chosen, so
@@ -16,6 +16,7 @@ COMMANDS = {
     "convert": ("scail_win.convert", "convert SCAIL-Preview weights to safetensors (bf16 or fp8)"),
     "doctor": ("scail_win.doctor", "check this machine, the SCAIL checkout and the weights"),
     "hook": ("scail_win.hook", "show whether the startup import hook is active and what it redirects"),
+    "pose": ("scail_win.pose.cli", "make SCAIL's pose video (rendered.mp4) from a driving video"),
 }
 
 

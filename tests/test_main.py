@@ -37,7 +37,7 @@ def test_help_lists_every_command(tmp_path):
     assert proc.returncode == 0 and proc.stderr == ""
     for name in COMMANDS:
         assert f"\n  {name} " in proc.stdout
-    assert proc.stdout.startswith("usage: scail-win {sample,convert,doctor,hook}")
+    assert proc.stdout.startswith("usage: scail-win {sample,convert,doctor,hook,pose}")
 
 
 def test_no_command_prints_usage_and_exits_2(capsys):
