@@ -281,7 +281,9 @@ def test_overlay_matches_scail_pose_drawing():
                              for k in ("candidate", "subset")},
                   "faces": np.concatenate([poses[0]["faces"], two["faces"]]),
                   "hands": np.concatenate([poses[0]["hands"], two["hands"]])})
-    for pose in poses:
+    as_float32 = lambda pose: {"bodies": {k: v.astype(np.float32) for k, v in pose["bodies"].items()},  # noqa: E731
+                               "faces": pose["faces"].astype(np.float32), "hands": pose["hands"].astype(np.float32)}
+    for pose in poses + [as_float32(pose) for pose in poses]:  # DWPose itself gives float32
         theirs = draw_pose(pose, height, width, show_body=False, show_cheek=True, dw_hand=True, optimized_face=True)
         np.testing.assert_array_equal(draw2d.draw_frame(pose, height, width), theirs)
 

@@ -123,8 +123,9 @@ def draw_frame(pose: dict, height: int, width: int) -> np.ndarray:
     final = np.zeros((height, width, 3), np.uint8)
     bodies = pose["bodies"]
     for i in range(len(bodies["candidate"])):
-        candidate = np.asarray(bodies["candidate"][i], np.float64)
-        subset = np.asarray(bodies["subset"][i], np.float64)
+        # Keep DWPose's dtype (float32): pixel coordinates truncate as upstream's do.
+        candidate = np.asarray(bodies["candidate"][i])
+        subset = np.asarray(bodies["subset"][i])
         canvas = _draw_cheek(cv2, np.zeros((height, width, 3), np.uint8), candidate, subset)
         _draw_hands(cv2, canvas, pose["hands"][2 * i:2 * i + 2])
         _draw_face(cv2, canvas, pose["faces"][i:i + 1])

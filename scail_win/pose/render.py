@@ -21,13 +21,10 @@ and rays in a bounded pool, which bounds memory whatever the video length.
 
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 ZNEAR = 0.1
 MAX_STEPS = 300
@@ -110,13 +107,16 @@ def _candidates(rays, scene, batch_frames, radius):
     step = max(1, CHUNK_ELEMENTS // max(1, centre.shape[1]))
     for f in range(batch_frames):
         m, r = centre[f], reach[f]
-        m2 = (m * m).sum(-1)
         for p0 in range(0, rays.shape[0], step):
             d = rays[p0:p0 + step]
-            # Elementwise, not a matmul: TF32 matmuls would be too coarse for the margin.
-            md = d[:, 0:1] * m[:, 0] + d[:, 1:2] * m[:, 1] + d[:, 2:3] * m[:, 2]
-            near = ((m2 - md * md) < r * r) & (r > 0)
-            hit = torch.nonzero(near.any(dim=1))[:, 0] + p0
+            # Distance from the capsule's centre to the ray's line, |m x d| (d is a
+            # unit vector): no cancellation, unlike |m|^2 - (m.d)^2, and elementwise,
+            # since a TF32 matmul would be too coarse for the margin.
+            cross_x = m[:, 1] * d[:, 2:3] - m[:, 2] * d[:, 1:2]
+            cross_y = m[:, 2] * d[:, 0:1] - m[:, 0] * d[:, 2:3]
+            cross_z = m[:, 0] * d[:, 1:2] - m[:, 1] * d[:, 0:1]
+            near = (cross_x * cross_x + cross_y * cross_y + cross_z * cross_z) < r * r
+            hit = torch.nonzero((near & (r > 0)).any(dim=1))[:, 0] + p0
             pixels.append(hit)
             frames.append(torch.full_like(hit, f))
     return torch.cat(frames), torch.cat(pixels)
