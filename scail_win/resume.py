@@ -93,7 +93,7 @@ def load_state(path: Path, expected_fingerprint: str) -> Optional[ResumeState]:
         raise UserError(f"{path}: not a scail-win resume file; delete it to start this video over")
     if metadata.get("fingerprint") != expected_fingerprint:
         raise UserError(f"{path}: saved for different settings (prompt, inputs, seed, steps, "
-                        f"cfg scale, resolution or weights); rerun with the original settings, "
+                        f"cfg scale, resolution, weights, sampler, shift, LoRAs or speed options); rerun with the original settings, "
                         f"or delete the file to start over")
     return ResumeState(step=int(metadata["step"]), total_steps=int(metadata["total_steps"]),
                        latents=tensors["latents"], cpu_rng=tensors["cpu_rng"],

@@ -138,11 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "SCAIL_WEIGHTS environment variable, else ./SCAIL-Preview)")
     sampling.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed")
     sampling.add_argument("--steps", type=_positive_int,
-                          help=f"denoising steps (default: {DEFAULT_STEPS}; {FAST_STEPS} with --fast, "
-                               f"{SMOKE_STEPS} with --smoke)")
+                          help=f"denoising steps; {FAST_STEPS} with --fast, {SMOKE_STEPS} with --smoke "
+                               f"(default: {DEFAULT_STEPS})")
     sampling.add_argument("--cfg-scale", type=_non_negative_number, metavar="SCALE",
-                          help=f"classifier-free guidance scale; 1 skips the unconditional pass, half the work "
-                               f"(default: {DEFAULT_CFG_SCALE:g}; 1 with --fast)")
+                          help=f"classifier-free guidance scale; 1 skips the unconditional pass (half the "
+                               f"work); 1 with --fast (default: {DEFAULT_CFG_SCALE})")
     sampling.add_argument("--sampler", choices=SAMPLER_CHOICES, default="euler",
                           help="ODE solver: euler is upstream's, bit for bit; unipc and dpmpp_2m are "
                                "higher-order flow solvers for 20-30 steps")
@@ -276,7 +276,15 @@ def prepare(opts: argparse.Namespace) -> Iterable[Job]:
             return []
         ready = validate_jobs(jobs, problems, **settings)
     check_weights(opts)
+    check_loras(opts)
     return ready
+
+
+def check_loras(opts: argparse.Namespace) -> None:
+    """Every ``--lora`` parses and exists before anything loads (shapes are checked at load)."""
+    from .lora import specs_from_args
+
+    specs_from_args(opts)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -258,15 +258,19 @@ def decode_and_write(model, samples, output_path: Path, fps: float) -> Path:
 
 
 def numerics_settings(args, model) -> dict:
-    """Settings beyond upstream's that change the sampled latents (a resume must match them)."""
-    from .embed_cache import file_identity
+    """Settings beyond upstream's that change the sampled latents, where not at their defaults.
+
+    A resume must match them; leaving the defaults out keeps the fingerprint
+    of a default run (and its saved states) as it was.
+    """
+    from . import lora
 
     sampler, shift = model.sampling_settings()
-    loras = [str(spec) for spec in getattr(args, "lora", None) or []]
-    return dict(sampler=sampler, shift=shift, step_cache=getattr(args, "step_cache", 0.0) or 0.0,
-                attention=getattr(args, "attention", "auto"), fp8_matmul=bool(getattr(args, "fp8_matmul", False)),
-                loras=[(spec, file_identity(Path(spec.rsplit(":", 1)[0])) if Path(spec.rsplit(":", 1)[0]).exists()
-                        else file_identity(Path(spec))) for spec in loras])
+    given = dict(sampler=sampler if sampler != "euler" else None, shift=shift,
+                 step_cache=getattr(args, "step_cache", 0.0) or None,
+                 attention=getattr(args, "attention", "auto") if getattr(args, "attention", "auto") != "auto" else None,
+                 fp8_matmul=bool(getattr(args, "fp8_matmul", False)) or None, lora=lora.identity(args))
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def run_one(model, job: Job, args, embed_cache=None) -> Path:
