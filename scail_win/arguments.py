@@ -98,18 +98,20 @@ def _is_auto(value) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "null", "none", ""))
 
 
-def _gigabytes(value) -> Optional[float]:
+def _positive_or_auto(value, what: str) -> Optional[float]:
     if _is_auto(value):
         return None
-    if isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"expected a number of GB or 'auto', got {value!r}")
     try:
-        number = float(value)
+        number = None if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a number of GB or 'auto', got {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of GB or 'auto', got {value!r}")
+        number = None
+    if number is None or not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive {what} or 'auto', got {value!r}")
     return number
+
+
+def _gigabytes(value) -> Optional[float]:
+    return _positive_or_auto(value, "number of GB")
 
 
 def _block_count(value) -> Optional[int]:
@@ -143,17 +145,7 @@ def _optional_dir(value) -> Optional[str]:
 
 
 def _shift(value) -> Optional[float]:
-    if _is_auto(value):
-        return None
-    if isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {value!r}")
-    return number
+    return _positive_or_auto(value, "number")
 
 
 def _threshold(value) -> float:

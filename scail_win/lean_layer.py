@@ -50,6 +50,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Optional
 
+from .layer_hooks import replace_layer_forward
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -276,9 +278,7 @@ class LeanLayers:
         self._chunk_tokens = value
 
     def _set_hook(self, expected, new) -> None:
-        for hooks in (self.dit.hooks, getattr(self.transformer, "hooks", None)):
-            if isinstance(hooks, dict) and hooks.get("layer_forward") is expected:
-                hooks["layer_forward"] = new
+        replace_layer_forward(self.dit, expected, new)
 
     def remove(self) -> None:
         """Put upstream's layer_forward back (detach a BlockSwap attached afterwards first)."""

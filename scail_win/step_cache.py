@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 from .errors import UserError
+from .layer_hooks import replace_layer_forward
 
 if TYPE_CHECKING:
     import torch
@@ -176,9 +177,7 @@ class StepCache:
     # ------------------------------------------------------------------ control
 
     def _set_hook(self, expected, new) -> None:
-        for hooks in (self.dit.hooks, getattr(self.dit.transformer, "hooks", None)):
-            if isinstance(hooks, dict) and hooks.get("layer_forward") is expected:
-                hooks["layer_forward"] = new
+        replace_layer_forward(self.dit, expected, new)
 
     def remove(self) -> None:
         """Put the wrapped layer_forward back and drop the cached tensors."""
