@@ -47,6 +47,10 @@ from pathlib import Path
 
 import torch
 
+# Upstream's attention kernel, so the parity figures compare like with like
+# (--attention auto would take SageAttention where it is installed).
+os.environ.setdefault("SCAIL_WIN_ATTENTION", "sdpa")
+
 LOG = logging.getLogger("bench_dit")
 GIB = 1024 ** 3
 MODEL_YAML = "configs/video_model/Wan2.1-i2v-14Bsc-pose-xc-latent.yaml"
