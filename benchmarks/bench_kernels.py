@@ -16,7 +16,6 @@ weights upcast (what the default path computes) and against the original
 bf16 weights.
 """
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,22 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scail_win import attention, fp8_linear  # noqa: E402
 from scail_win.weights import dequantize, quantize_fp8, relative_error  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rope3d import time_ms  # noqa: E402  (one CUDA-event timer for the kernel benchmarks)
+
 LINEARS = (("qkv", 5120, 15360), ("ffn in", 5120, 13824), ("ffn out", 13824, 5120))
-
-
-def time_ms(fn, iters, warmup):
-    """Median milliseconds of fn() on the current CUDA stream."""
-    for _ in range(warmup):
-        fn()
-    events = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def attention_rows(batch, tokens, kv_tokens, heads, head_dim, iters, warmup):
