@@ -58,7 +58,7 @@ def parse_args(argv):
     p.add_argument("--stages", default="steps,quality", help="comma-separated: steps, quality")
     p.add_argument("--size", default="512x896", help="HxW for the steps stage")
     p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--budgets", default="8", help="card sizes (GiB) for the steps stage besides resident")
+    p.add_argument("--budgets", default="0,8", help="card sizes (GiB) for the steps stage; 0: resident")
     p.add_argument("--timed-steps", type=int, default=2, help="timed steps per row after one warm-up step")
     p.add_argument("--quality-size", default="256x448")
     p.add_argument("--quality-frames", type=int, default=17)
@@ -258,10 +258,11 @@ SETTINGS = (  # label, sampler, cfg, attention
 
 def stage_steps(opts, engine, args, device, res):
     from scail_win import attention as attention_mod
+    from scail_win.errors import UserError
 
     c, uc, shape = conditioning(engine, opts.size, opts.frames, device)
     have_sage = attention_mod.available_backends().get("sage") == "available"
-    budgets = [None] + opts.budgets if device.type == "cuda" else [None]
+    budgets = [b or None for b in opts.budgets] if device.type == "cuda" else [None]
     rows, per_step, fp8_names = [], {}, None
     for budget in budgets:
         place = Placement(engine, args, device, budget)
@@ -272,7 +273,14 @@ def stage_steps(opts, engine, args, device, res):
             if attention == "sage" and not have_sage:
                 rows.append((place.label, label, "not installed", "", "", "", ""))
                 continue
-            configure(engine, sampler, DEFAULT_STEPS, cfg, attention)
+            try:
+                configure(engine, sampler, DEFAULT_STEPS, cfg, attention)
+                if attention != "sdpa":
+                    attention_mod.select_backend(attention, device, engine.dtype)
+            except UserError as exc:
+                rows.append((place.label, label, "unusable", "", "", "", str(exc)[:90]))
+                print(rows[-1], flush=True)
+                continue
             if label.startswith("step cache"):
                 # Every forward after the first computed one is skipped.
                 with_step_cache(engine, place, 1e9, warmup=1, max_skips=10 ** 6)
@@ -294,9 +302,10 @@ def stage_steps(opts, engine, args, device, res):
                                                       peak_reserved_gib=reserved, v_rel_err=err, status=status)
             rows.append((place.label, label, f"{sec:.2f}", f"{alloc:.2f}", f"{reserved:.2f}",
                          "--" if err != err else f"{err:.3g}", status))
+            print(rows[-1], flush=True)
         if budget is None:
             # The real thing end to end: a 4-step guidance-1 denoising, resident.
-            configure(engine, "euler", 4, 1.0, "sage" if have_sage else "sdpa")
+            configure(engine, "euler", 4, 1.0, "sdpa")
             t0 = time.perf_counter()
             sample(engine, c, uc, shape)
             if device.type == "cuda":
@@ -331,6 +340,7 @@ def stage_steps(opts, engine, args, device, res):
                                                  bf16_step_s=base.get("step_s"))
             rows.append(("resident", label, f"{sec:.2f}", f"{alloc:.2f}", f"{reserved:.2f}",
                          "--" if err != err else f"{err:.3g} (vs upcast)", "ok"))
+            print(rows[-1], flush=True)
             place.undo()
     h, w = opts.size
     table(f"Seconds per denoising step, {h}x{w}x{opts.frames}, {sum(p.numel() for p in engine.model.parameters()) / 1e9:.1f} B "
@@ -418,6 +428,8 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     device = torch.device(opts.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
