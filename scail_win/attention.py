@@ -230,8 +230,10 @@ def select_backend(name: Optional[str], device, dtype: torch.dtype) -> Backend:
         # probe in bf16, and the backend hands those calls to SDPA.
         why = probe(requested, device, dtype if dtype in KERNEL_DTYPES else torch.bfloat16)
         if why is not None:
-            raise UserError(f"{FLAG} {requested}: {PACKAGES[requested][0]} {why}; "
-                            f"{INSTALL_HINT[requested]}, or use {FLAG} auto")
+            # Installed but failing here wants another build, not an install.
+            hint = INSTALL_HINT[requested] if load_kernel(requested)[1] is not None else \
+                f"its installed build does not work on this GPU; try another release of {PACKAGES[requested][0]}"
+            raise UserError(f"{FLAG} {requested}: {PACKAGES[requested][0]} {why}; {hint}, or use {FLAG} auto")
         backend = Backend(requested, f"{FLAG} {requested}", load_kernel(requested)[0])
     log.info("attention: %s (%s)", backend.name, backend.reason)
     _selected[key] = backend
