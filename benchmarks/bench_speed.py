@@ -83,9 +83,13 @@ def build_engine(opts, device):
     from scail_win.diffusion_video import SATVideoDiffusionEngine
 
     args = arguments.get_args(["--base", str(arguments.packaged_config_path()), "--seed", "1"])
-    params = args.model_config.network_config.params
+    from omegaconf import OmegaConf
+
     if opts.tiny:
-        params.update(smoke.TINY_DIT)
+        # A deep merge, as the smoke test builds it: TINY_DIT overrides nested module params.
+        args.model_config.network_config.params = OmegaConf.merge(args.model_config.network_config.params,
+                                                                  smoke.TINY_DIT)
+    params = args.model_config.network_config.params
     if opts.layers:
         params.num_layers = opts.layers
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
