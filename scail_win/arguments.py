@@ -44,7 +44,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
+from . import run_config
 from .errors import UserError
+from .run_config import ATTENTION_CHOICES, SAMPLER_CHOICES
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -81,118 +83,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# ---------------------------------------------------------------- value types
-
-
-def _bool(text: str) -> bool:
-    # Upstream used type=bool, for which "False" is true; accept the obvious words.
-    lowered = str(text).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _is_auto(value) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "null", "none", ""))
-
-
-def _positive_or_auto(value, what: str) -> Optional[float]:
-    if _is_auto(value):
-        return None
-    try:
-        number = None if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or not number > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive {what} or 'auto', got {value!r}")
-    return number
-
-
-def _gigabytes(value) -> Optional[float]:
-    return _positive_or_auto(value, "number of GB")
-
-
-def _block_count(value) -> Optional[int]:
-    if _is_auto(value):
-        return None
-    if isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"expected a whole number of blocks or 'auto', got {value!r}")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a whole number of blocks or 'auto', got {value!r}") from None
-    if number < 0 or isinstance(value, float) and value != number:
-        raise argparse.ArgumentTypeError(f"expected a whole number of blocks (0 or more) or 'auto', got {value!r}")
-    return number
-
-
-def _choice(*allowed: str):
-    def convert(value) -> str:
-        if isinstance(value, bool):  # YAML 1.1 reads an unquoted on/off as a boolean
-            value = "on" if value else "off"
-        text = str(value).strip().lower()
-        if text not in allowed:
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(allowed)}; got {value!r}")
-        return text
-    convert.__name__ = "one of " + "|".join(allowed)
-    return convert
-
-
-def _optional_dir(value) -> Optional[str]:
-    return None if _is_auto(value) else str(value)
-
-
-def _shift(value) -> Optional[float]:
-    return _positive_or_auto(value, "number")
-
-
-def _threshold(value) -> float:
-    """A step-cache threshold: 0 (or off/none) turns the cache off."""
-    if _is_auto(value) or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
-        return 0.0
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a threshold such as 0.1, or 0/off, got {value!r}") from None
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"expected a threshold of 0 or more, got {value!r}")
-    return number
-
-
-def _lora_list(value) -> list:
-    """A config's ``lora:`` (one ``FILE[:STRENGTH]`` string or a list of them)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise argparse.ArgumentTypeError(f"expected FILE[:STRENGTH] or a list of them, got {value!r}")
-
-
-SAMPLER_CHOICES = ("euler", "unipc", "dpmpp_2m")
-ATTENTION_CHOICES = ("auto", "sdpa", "flash", "sage")
-
-# dest -> converter applied to the flag's text and to the config's value.
-_SCAIL_WIN_TYPES = {
-    "weights": _optional_dir,
-    "vram_budget": _gigabytes,
-    "blocks_on_gpu": _block_count,
-    "ram_budget": _gigabytes,
-    "t5_cpu": _bool,
-    "vae_tiling": _choice("on", "off", "auto"),
-    "rope_mode": _choice("exact", "fp32"),
-    "embed_cache": _optional_dir,
-    "offload": _choice("auto", "none"),
-    "sampler": _choice(*SAMPLER_CHOICES),
-    "shift": _shift,
-    "lora": _lora_list,
-    "attention": _choice(*ATTENTION_CHOICES),
-    "fp8_matmul": _bool,
-    "step_cache": _threshold,
-}
+# scail-win's options (flag text or config value -> typed value), parsed as a RunConfig parses them.
+_SCAIL_WIN_TYPES = {name: run_config.parser_of(name) for name in run_config.names(run_config.OURS)}
 
 
 # ------------------------------------------------------------------ parsers
@@ -211,7 +103,7 @@ def add_model_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     group.add_argument("--device", type=int, default=-1,
                        help="CUDA device index; -1 picks LOCAL_RANK (or the CPU without a GPU)")
     group.add_argument("--debug", action="store_true")
-    group.add_argument("--log-image", type=_bool, default=True)
+    group.add_argument("--log-image", type=run_config.boolean, default=True)
     group.add_argument("--model-type", type=str, default="dit")
     group.add_argument("--num-multi-query-heads", type=int, default=0,
                        help="use multi-query attention, num of kv groups. 0 means multi-head attention.")
@@ -241,10 +133,10 @@ def add_sampling_config_args(parser: argparse.ArgumentParser) -> argparse.Argume
         ("--vae-compress-size", dict(type=int, nargs=3, default=None, metavar=("T", "H", "W"))),
         ("--image2video", dict(action="store_true")),
         ("--horizontal-only", dict(action="store_true")),
-        ("--use_pose", dict(type=_bool, default=False)),
+        ("--use_pose", dict(type=run_config.boolean, default=False)),
         ("--representation", dict(type=str, default="dwpose")),
         ("--save_tag", dict(type=str, default="default")),
-        ("--multi_cond_cfg", dict(type=_bool, default=False)),
+        ("--multi_cond_cfg", dict(type=run_config.boolean, default=False)),
     ]
     for flag, options in flags:
         group.add_argument(flag, **options)
@@ -269,52 +161,55 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_scail_win_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """scail-win's flags; each can also be set under ``args:`` in a config.
 
+    Types and defaults are the :class:`~scail_win.run_config.RunConfig` fields'.
     Every default keeps upstream's behaviour on a GPU with room for the model.
     """
     group = parser.add_argument_group("scail-win", "memory and speed options of scail-win")
-    group.add_argument("--weights", type=_optional_dir, default=None, metavar="DIR",
-                       help=f"weights folder for ${{{WEIGHTS_RESOLVER}:...}} paths in the config "
-                            f"(default: ${WEIGHTS_ENV}, else ./{DEFAULT_WEIGHTS_DIR})")
-    group.add_argument("--vram-budget", type=_gigabytes, default=None, metavar="GB",
-                       help="GPU memory scail-win may use, in GB (default: auto, from free memory)")
-    group.add_argument("--blocks-on-gpu", type=_block_count, default=None, metavar="N",
-                       help="transformer blocks kept on the GPU, the rest streamed per step "
-                            "(default: auto, as many as --vram-budget allows)")
-    group.add_argument("--ram-budget", type=_gigabytes, default=None, metavar="GB",
-                       help="host RAM for weights held in memory, in GB (default: auto, from free RAM)")
-    group.add_argument("--t5-cpu", action=argparse.BooleanOptionalAction, default=False,
-                       help="run the umT5 text encoder on the CPU (about 11 GB less GPU memory, slower)")
-    group.add_argument("--vae-tiling", type=_SCAIL_WIN_TYPES["vae_tiling"], default="auto",
-                       metavar="{on,off,auto}",
-                       help="tiled VAE encode/decode; auto tiles only when the video would not fit (default: auto)")
-    group.add_argument("--rope-mode", type=_SCAIL_WIN_TYPES["rope_mode"], default="fp32",
-                       metavar="{fp32,exact}",
-                       help="3D RoPE arithmetic: fp32 rounds once (more accurate), exact reproduces "
-                            "upstream's bf16 rounding bit for bit (default: fp32)")
-    group.add_argument("--embed-cache", type=_optional_dir, default=None, metavar="DIR",
-                       help="folder for cached text embeddings, or 'off' (default: scail-win's cache folder)")
-    group.add_argument("--offload", type=_SCAIL_WIN_TYPES["offload"], default="auto", metavar="{auto,none}",
-                       help="auto: place weights on GPU/CPU from the budgets, all resident when they fit; "
-                            "none: keep components where upstream puts them (default: auto)")
-    group.add_argument("--sampler", type=_SCAIL_WIN_TYPES["sampler"], default="euler",
-                       metavar="{" + ",".join(SAMPLER_CHOICES) + "}",
-                       help="ODE solver: euler is upstream's (bit for bit); unipc and dpmpp_2m reach "
-                            "euler-50 quality in about 20-25 steps (default: euler)")
-    group.add_argument("--shift", type=_shift, default=None, metavar="S",
-                       help="sigma schedule shift (default: the config's shift_scale, 5)")
-    group.add_argument("--lora", type=str, action="append", default=None, metavar="FILE[:STRENGTH]",
-                       help="merge a LoRA (safetensors; diffusers, kohya/ComfyUI or diff naming) into the "
-                            "DiT at load; repeat for several (default strength 1)")
-    group.add_argument("--attention", type=_SCAIL_WIN_TYPES["attention"], default="auto",
-                       metavar="{" + ",".join(ATTENTION_CHOICES) + "}",
-                       help="attention kernel: auto picks SageAttention or flash-attn where installed and "
-                            "working, else PyTorch SDPA (default: auto)")
-    group.add_argument("--fp8-matmul", action=argparse.BooleanOptionalAction, default=False,
-                       help="with fp8 weights on a GPU with fp8 tensor cores (RTX 40xx+, sm 8.9+), multiply "
-                            "in fp8 instead of upcasting the weights (faster, slightly less exact)")
-    group.add_argument("--step-cache", type=_threshold, default=0.0, metavar="THRESHOLD",
-                       help="reuse the DiT's work on steps whose first block changes less than THRESHOLD "
-                            "(relative); 0 turns it off; about 0.05-0.1 is a usual setting (default: 0)")
+
+    def add(name: str, **options) -> None:
+        if options.get("action") is not argparse.BooleanOptionalAction:
+            options.setdefault("type", run_config.parser_of(name))
+        options.setdefault("default", run_config.default(name))
+        group.add_argument(run_config.flag_name(name), **options)
+
+    add("weights", metavar="DIR",
+        help=f"weights folder for ${{{WEIGHTS_RESOLVER}:...}} paths in the config "
+             f"(default: ${WEIGHTS_ENV}, else ./{DEFAULT_WEIGHTS_DIR})")
+    add("vram_budget", metavar="GB", help="GPU memory scail-win may use, in GB (default: auto, from free memory)")
+    add("blocks_on_gpu", metavar="N",
+        help="transformer blocks kept on the GPU, the rest streamed per step "
+             "(default: auto, as many as --vram-budget allows)")
+    add("ram_budget", metavar="GB",
+        help="host RAM for weights held in memory, in GB (default: auto, from free RAM)")
+    add("t5_cpu", action=argparse.BooleanOptionalAction,
+        help="run the umT5 text encoder on the CPU (about 11 GB less GPU memory, slower)")
+    add("vae_tiling", metavar="{on,off,auto}",
+        help="tiled VAE encode/decode; auto tiles only when the video would not fit (default: auto)")
+    add("rope_mode", metavar="{fp32,exact}",
+        help="3D RoPE arithmetic: fp32 rounds once (more accurate), exact reproduces "
+             "upstream's bf16 rounding bit for bit (default: fp32)")
+    add("embed_cache", metavar="DIR",
+        help="folder for cached text embeddings, or 'off' (default: scail-win's cache folder)")
+    add("offload", metavar="{auto,none}",
+        help="auto: place weights on GPU/CPU from the budgets, all resident when they fit; "
+             "none: keep components where upstream puts them (default: auto)")
+    add("sampler", metavar="{" + ",".join(SAMPLER_CHOICES) + "}",
+        help="ODE solver: euler is upstream's (bit for bit); unipc and dpmpp_2m reach "
+             "euler-50 quality in about 20-25 steps (default: euler)")
+    add("shift", metavar="S", help="sigma schedule shift (default: the config's shift_scale, 5)")
+    # Repeated: each --lora appends one FILE[:STRENGTH]; None when none is given.
+    add("lora", type=str, action="append", default=None, metavar="FILE[:STRENGTH]",
+        help="merge a LoRA (safetensors; diffusers, kohya/ComfyUI or diff naming) into the "
+             "DiT at load; repeat for several (default strength 1)")
+    add("attention", metavar="{" + ",".join(ATTENTION_CHOICES) + "}",
+        help="attention kernel: auto picks SageAttention or flash-attn where installed and "
+             "working, else PyTorch SDPA (default: auto)")
+    add("fp8_matmul", action=argparse.BooleanOptionalAction,
+        help="with fp8 weights on a GPU with fp8 tensor cores (RTX 40xx+, sm 8.9+), multiply "
+             "in fp8 instead of upcasting the weights (faster, slightly less exact)")
+    add("step_cache", metavar="THRESHOLD",
+        help="reuse the DiT's work on steps whose first block changes less than THRESHOLD "
+             "(relative); 0 turns it off; about 0.05-0.1 is a usual setting (default: 0)")
     return parser
 
 
@@ -559,10 +454,20 @@ def process_config_to_args(args: argparse.Namespace, given: Iterable[str] = ()) 
 
 def get_args(args_list: Optional[Sequence[str]] = None,
              parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
-    """Parse flags and configs, start the process group, seed; upstream's entry point."""
+    """Parse flags and configs, start the process group, seed; upstream's entry point.
+
+    ``args.run_config`` is the run's :class:`~scail_win.run_config.RunConfig`.
+    """
     parser = build_parser(parser)
     args = parser.parse_args(args_list)
-    args = process_config_to_args(args, given=_flags_given(parser, args_list))
+    args = _complete_args(args, given=_flags_given(parser, args_list))
+    args.run_config = run_config.RunConfig.from_args(args)
+    return args
+
+
+def _complete_args(args: argparse.Namespace, given: Iterable[str]) -> argparse.Namespace:
+    """Parsed flags (``given``: those set explicitly) -> upstream's args: configs merged, process group, seed."""
+    args = process_config_to_args(args, given=given)
     _check_training_flags(args)
     _assign_rank_and_device(args)
     _configure_precision_and_deepspeed(args)
@@ -863,39 +768,44 @@ def _deepspeed():
 
 
 def args_from_cli(opts: argparse.Namespace) -> argparse.Namespace:
-    """Upstream-style ``args`` for the options of ``scail-win sample``.
+    """Upstream-style ``args`` for the (prepared) options of ``scail-win sample``."""
+    return args_for(run_config.RunConfig.from_cli(opts))
 
-    The CLI's flags become the equivalent upstream flags and config values:
-    ``--steps`` and ``--cfg-scale`` set the sampler's ``num_steps`` and the
-    guider's ``scale``, ``--resolution`` the ``sampling_image_size``.
+
+def args_for(config: "run_config.RunConfig") -> argparse.Namespace:
+    """Upstream-style ``args`` for ``config``, as get_args makes them, without a command line.
+
+    The options ``config`` sets (not None, not False, not empty) count as
+    flags given on the command line, so they win over the configs' ``args:``
+    (``base`` empty: the packaged config). ``steps`` and ``cfg_scale`` set the
+    sampler's ``num_steps`` and the guider's ``scale``, ``resolution`` the
+    ``sampling_image_size``; the run options (``max_frames``, ``save_every``,
+    ...) become attributes. ``args.run_config`` is ``config`` with the
+    configs' values where it left them open.
     """
-    args_list = ["--base", *[str(b) for b in (opts.base or [packaged_config_path()])]]
-    if getattr(opts, "seed", None) is not None:
-        args_list += ["--seed", str(opts.seed)]
-    if getattr(opts, "weights", None) is not None:
-        args_list += ["--weights", str(opts.weights)]
-    for flag, key in (("--vram-budget", "vram_budget"), ("--blocks-on-gpu", "blocks_on_gpu"),
-                      ("--ram-budget", "ram_budget"), ("--vae-tiling", "vae_tiling"),
-                      ("--rope-mode", "rope_mode"), ("--embed-cache", "embed_cache"),
-                      ("--offload", "offload"), ("--sampler", "sampler"), ("--shift", "shift"),
-                      ("--attention", "attention"), ("--step-cache", "step_cache")):
-        value = getattr(opts, key, None)
-        if value is not None:
-            args_list += [flag, str(value)]
-    for spec in getattr(opts, "lora", None) or []:
-        args_list += ["--lora", str(spec)]
-    for flag, key in (("--t5-cpu", "t5_cpu"), ("--fp8-matmul", "fp8_matmul")):
-        if getattr(opts, key, False):
-            args_list.append(flag)
-    args = get_args(args_list)
+    args = build_parser().parse_args([])
+    values = config.options()
+    given = {name for name in run_config.names(run_config.OURS, run_config.UPSTREAM) if _sets(values[name])}
+    for name in given:
+        value = values[name]
+        setattr(args, name, list(value) if isinstance(value, tuple) else value)
+    if not values["base"]:
+        args.base = [str(packaged_config_path())]
+        given.add("base")
+    args = _complete_args(args, given=given)
     sampler = args.model_config.sampler_config.params
-    if getattr(opts, "steps", None) is not None:
-        sampler.num_steps = int(opts.steps)
-    if getattr(opts, "cfg_scale", None) is not None:
-        sampler.guider_config.params.scale = float(opts.cfg_scale)
-    if getattr(opts, "resolution", None):
-        args.sampling_image_size = list(opts.resolution)
-    for key in ("output_dir", "max_frames", "save_every", "resume", "quiet", "smoke"):
-        if hasattr(opts, key):
-            setattr(args, key, getattr(opts, key))
+    if values["steps"] is not None:
+        sampler.num_steps = values["steps"]
+    if values["cfg_scale"] is not None:
+        sampler.guider_config.params.scale = values["cfg_scale"]
+    if values["resolution"] is not None:
+        args.sampling_image_size = list(values["resolution"])
+    for name in run_config.names(run_config.RUN):
+        setattr(args, name, values[name])
+    args.run_config = config.updated_from(args)
     return args
+
+
+def _sets(value) -> bool:
+    # Identity, not truth: 0 blocks on the GPU and a 0.0 step-cache threshold are set values.
+    return value is not None and value is not False and value != ()

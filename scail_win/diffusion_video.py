@@ -26,6 +26,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from . import run_config
 from .lazy_init import empty_weights as _empty_weights, skip_init
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class SATVideoDiffusionEngine(nn.Module):
         # Before anything loads: a forced --attention kernel that is not
         # installed fails now; the kernel itself is probed on the first call.
         from . import attention
-        self.attention = attention.configure(getattr(args, "attention", None))
+        self.attention = attention.configure(run_config.of(args).numerics.attention)
         self.device = torch.device(getattr(args, "device", "cpu") if not isinstance(getattr(args, "device", "cpu"), int)
                                    else f"cuda:{args.device}")
         self.compute_device = self.device
@@ -195,7 +196,7 @@ class SATVideoDiffusionEngine(nn.Module):
 
         with _global_rng_untouched():
             network = build_dit(model_config["network_config"], dtype_str=self.dtype_str,
-                                use_i2v_clip=self.use_i2v_clip, rope_mode=getattr(args, "rope_mode", "fp32"),
+                                use_i2v_clip=self.use_i2v_clip, rope_mode=run_config.of(args).numerics.rope_mode,
                                 empty_weights=empty_weights)
         wrapper_target = model_config.get("network_wrapper", None) or DEFAULT_WRAPPER
         from sgm.util import get_obj_from_str
@@ -438,8 +439,9 @@ class SATVideoDiffusionEngine(nn.Module):
         return x, s_in, sigmas, cond, uc
 
     def sampling_settings(self) -> Tuple[str, Optional[float]]:
-        """The solver name and schedule shift this run asked for (``args.sampler``, ``args.shift``)."""
-        return getattr(self.args, "sampler", None) or "euler", getattr(self.args, "shift", None)
+        """The solver name and schedule shift this run asked for (``--sampler``, ``--shift``)."""
+        sampling = run_config.of(self.args).sampling
+        return sampling.sampler, sampling.shift
 
     def _schedule(self, sigmas: torch.Tensor, shift: Optional[float]) -> torch.Tensor:
         """Upstream's sigmas, or the same shifted schedule with another ``shift``."""

@@ -38,7 +38,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UserError
 
@@ -88,16 +88,20 @@ def parse_lora_spec(text: str) -> LoraSpec:
     return LoraSpec(Path(path), strength)
 
 
-def specs_from_args(args) -> List[LoraSpec]:
-    """``args.lora`` (a list of ``FILE[:STRENGTH]`` strings, or None) parsed; files must exist."""
-    values = getattr(args, "lora", None) or []
-    if isinstance(values, str):
-        values = [values]
-    specs = [v if isinstance(v, LoraSpec) else parse_lora_spec(v) for v in values]
-    for spec in specs:
+def specs(values: Sequence[str]) -> List[LoraSpec]:
+    """``FILE[:STRENGTH]`` strings parsed; the files must exist."""
+    parsed = [parse_lora_spec(v) for v in values]
+    for spec in parsed:
         if not spec.path.is_file():
             raise UserError(f"--lora {spec.path}: no such file; pass the path of a .safetensors LoRA")
-    return specs
+    return parsed
+
+
+def specs_from_args(args) -> List[LoraSpec]:
+    """The run's ``--lora`` values (:mod:`scail_win.run_config`) parsed; the files must exist."""
+    from .run_config import of
+
+    return specs(of(args).sampling.lora)
 
 
 def identity(args) -> Optional[str]:
@@ -107,8 +111,8 @@ def identity(args) -> Optional[str]:
     """
     from .embed_cache import file_identity
 
-    specs = specs_from_args(args)
-    return ";".join(f"{file_identity(s.path)}@{s.strength!r}" for s in specs) if specs else None
+    merged = specs_from_args(args)
+    return ";".join(f"{file_identity(s.path)}@{s.strength!r}" for s in merged) if merged else None
 
 
 # -- Wan2.1 names <-> sat names ------------------------------------------------------------

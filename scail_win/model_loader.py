@@ -26,6 +26,7 @@ from typing import Dict, Iterator
 import torch
 from torch import nn
 
+from . import run_config
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -143,10 +144,12 @@ def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: 
     from . import memory, offload
     from .host_memory import available_ram
 
-    if device.type != "cuda" or getattr(args, "offload", "auto") == "none":
+    config = run_config.of(args)
+    memory_options = config.memory
+    if device.type != "cuda" or memory_options.offload == "none":
         return None
     height, width = (int(v) for v in args.sampling_image_size)
-    frames = int(getattr(args, "max_frames", None) or MAX_FRAMES_DEFAULT)
+    frames = config.sampling.max_frames or MAX_FRAMES_DEFAULT
     groups = offload.scail_layer_groups(dit)
     group_bytes = largest_group_gpu_bytes(dit, groups, fp8_on_gpu)
     total_params = sum(p.numel() for p in dit.parameters())
@@ -154,18 +157,18 @@ def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: 
     dit_spec, t5_spec, clip_spec, vae_spec = memory.scail_specs(
         height, width, frames, group_bytes=group_bytes, resident_bytes=resident_params * 2,
         dit_host_bytes_per_param=host_bytes_per_param)
-    budget = getattr(args, "vram_budget", None)
+    budget = memory_options.vram_budget
     total = torch.cuda.get_device_properties(device).total_memory
-    if getattr(args, "t5_cpu", False):
+    if memory_options.t5_cpu:
         t5_spec = None
-    ram = getattr(args, "ram_budget", None)
+    ram = memory_options.ram_budget
     host = int(ram * GiB) if ram else available_ram()
     plan = memory.plan_memory(dit_spec, total_vram_bytes=total, budget_gb=budget, t5=t5_spec,
-                              clip=clip_spec, vae=vae_spec, blocks_on_gpu=getattr(args, "blocks_on_gpu", None),
+                              clip=clip_spec, vae=vae_spec, blocks_on_gpu=memory_options.blocks_on_gpu,
                               host_ram_bytes=host)
-    if getattr(args, "t5_cpu", False):
+    if memory_options.t5_cpu:
         plan = replace(plan, t5_placement="cpu")
-    tiling = getattr(args, "vae_tiling", "auto")
+    tiling = memory_options.vae_tiling
     if tiling == "off" and plan.vae_tiling:
         log.warning("--vae-tiling off: the VAE is estimated to need more than the budget")
         plan = replace(plan, vae_encode_tile_px=None, vae_decode_tile_px=None)
@@ -276,7 +279,7 @@ def build(args, model_cls=None):
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     load = getattr(args, "load", None)
-    layout = weights.ensure_weights(getattr(args, "weights", None) or Path(load).parent) if load else None
+    layout = weights.ensure_weights(run_config.of(args).io.weights or Path(load).parent) if load else None
     if layout is not None:
         from .prefetch import load_order, prefetch_files
 
@@ -291,7 +294,7 @@ def build(args, model_cls=None):
     fp8 = layout is not None and (layout.dit_dtype or "").startswith("fp8")
     from . import fp8_linear
 
-    fp8_matmul = fp8_linear.plan_fp8_matmul(dit, device, getattr(args, "fp8_matmul", False), fp8)
+    fp8_matmul = fp8_linear.plan_fp8_matmul(dit, device, run_config.of(args).numerics.fp8_matmul, fp8)
     plan = make_plan(args, dit, device, host_bytes_per_param=1 if fp8 else 2, fp8_on_gpu=frozenset(fp8_matmul))
 
     source = None

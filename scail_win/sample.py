@@ -22,15 +22,14 @@ from typing import Iterable, List, Optional
 
 from .cli_support import HelpFormatter, run_cli, setup_logging
 from .errors import UserError
-from .arguments import ATTENTION_CHOICES, SAMPLER_CHOICES
-from .sample_video import DEFAULT_SAVE_EVERY
+from .run_config import ATTENTION_CHOICES, SAMPLER_CHOICES
+from .run_config import DEFAULT_SAVE_EVERY, DEFAULT_SEED
 from .jobs import (Job, ModelLimits, check_resolution, config_resolution, interactive_jobs,
                    read_input_file, resolve_max_frames, validate_job, validate_jobs)
 from .smoke import SMOKE_FRAMES, SMOKE_SIZE, SMOKE_STEPS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEED = 1234  # sat's --seed default, which upstream's parser inherits
 DEFAULT_STEPS = 50
 DEFAULT_CFG_SCALE = 4.0
 # Step-distill LoRAs for Wan2.1-14B (e.g. LightX2V's) are trained for 4 steps at guidance 1.
@@ -282,9 +281,9 @@ def prepare(opts: argparse.Namespace) -> Iterable[Job]:
 
 def check_loras(opts: argparse.Namespace) -> None:
     """Every ``--lora`` parses and exists before anything loads (shapes are checked at load)."""
-    from .lora import specs_from_args
+    from .lora import specs
 
-    specs_from_args(opts)
+    specs(opts.lora or ())
 
 
 def main(argv: Optional[List[str]] = None) -> int:

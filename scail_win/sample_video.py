@@ -20,13 +20,11 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 from .errors import UserError
 from .jobs import (Job, ModelLimits, check_resolution, interactive_jobs, read_input_file,
                    resolve_max_frames, validate_job, validate_jobs)
+from .run_config import of as run_config_of
 
 log = logging.getLogger(__name__)
 
 NEGATIVE_PROMPT = ""
-# How often the denoising state is saved (steps): a state is ~10 MB at
-# 512x896x81, and 5 of 50 steps is a few minutes of work on an 8 GB card.
-DEFAULT_SAVE_EVERY = 5
 
 
 @dataclass
@@ -154,7 +152,7 @@ def text_cache_for(args, model) -> Optional[TextEmbeddingCache]:
     """The embedding cache for ``model``'s text encoder, or None (``--embed-cache off``)."""
     from .embed_cache import EmbedCache
 
-    where = getattr(args, "embed_cache", None)
+    where = run_config_of(args).io.embed_cache
     if where in ("off", "none", ""):
         return None
     config = model._conditioner_config or {}
@@ -208,7 +206,7 @@ def denoise(model, cond: Conditioning, args, state_file: Optional[Path], job_fin
     latest = {"step": start_step, "x": start_latents, "solver": None}
     steps = int(getattr(model.sampler, "num_steps", 0) or 0)
     bar = tqdm(total=steps, initial=start_step, desc="denoising", unit="step",
-               disable=getattr(args, "quiet", False))
+               disable=run_config_of(args).io.quiet)
     # Every save holds the RNG state from before the initial noise: a resumed
     # run draws (and drops) that noise again, so whatever comes after it
     # (the next job's noise) is drawn as in an uninterrupted run.
@@ -257,7 +255,7 @@ def decode_and_write(model, samples, output_path: Path, fps: float) -> Path:
     return video_io.write_video(frames, output_path, fps)
 
 
-def numerics_settings(args, model) -> dict:
+def numerics_settings(args) -> dict:
     """Settings beyond upstream's that change the sampled latents, where not at their defaults.
 
     A resume must match them; leaving the defaults out keeps the fingerprint
@@ -265,12 +263,11 @@ def numerics_settings(args, model) -> dict:
     """
     from . import lora
 
-    sampler, shift = model.sampling_settings()
-    given = dict(sampler=sampler if sampler != "euler" else None, shift=shift,
-                 step_cache=getattr(args, "step_cache", 0.0) or None,
-                 attention=getattr(args, "attention", "auto") if getattr(args, "attention", "auto") != "auto" else None,
-                 fp8_matmul=bool(getattr(args, "fp8_matmul", False)) or None, lora=lora.identity(args))
-    return {key: value for key, value in given.items() if value is not None}
+    settings = run_config_of(args).non_default_numerics()
+    merged = lora.identity(args)
+    if merged is not None:
+        settings["lora"] = merged
+    return settings
 
 
 def run_one(model, job: Job, args, embed_cache=None) -> Path:
@@ -287,9 +284,9 @@ def run_one(model, job: Job, args, embed_cache=None) -> Path:
                                 steps=getattr(model.sampler, "num_steps", None),
                                 cfg=getattr(model.sampler.guider, "scale", None),
                                 shape=cond.shape, load=str(getattr(args, "load", "")),
-                                **numerics_settings(args, model))
-    samples = denoise(model, cond, args, state_file, fp, getattr(args, "save_every", DEFAULT_SAVE_EVERY) or 0,
-                      getattr(args, "resume", False))
+                                **numerics_settings(args))
+    io = run_config_of(args).io
+    samples = denoise(model, cond, args, state_file, fp, io.save_every, io.resume)
     del cond
     output = decode_and_write(model, samples, video_io.next_free_path(job.output_path), job.fps)
     resume_mod.remove_state(state_file)

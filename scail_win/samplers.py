@@ -35,8 +35,6 @@ import torch
 
 from .errors import UserError
 
-DEFAULT_SOLVER = "euler"
-
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -308,12 +306,12 @@ def solve(solver_name: str, sigmas: torch.Tensor, x: torch.Tensor, velocity_fn: 
 
 
 def sampler_options(args, default_shift: float) -> tuple:
-    """(solver name, shift) from ``args.sampler`` and ``args.shift`` (None: ``default_shift``)."""
-    name = getattr(args, "sampler", None) or DEFAULT_SOLVER
-    if name not in SOLVERS:
-        raise UserError(f"--sampler {name}: unknown sampler; choose one of: {', '.join(SOLVERS)}")
-    shift = getattr(args, "shift", None)
-    shift = default_shift if shift is None else shift
+    """(solver name, shift) of the run's ``--sampler`` and ``--shift`` (None: ``default_shift``)."""
+    from .run_config import of
+
+    sampling = of(args).sampling
+    name = sampling.sampler
+    shift = default_shift if sampling.shift is None else sampling.shift
     try:
         shift = float(shift)
     except (TypeError, ValueError):

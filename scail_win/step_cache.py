@@ -57,7 +57,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional
 
-from .errors import UserError
 from .layer_hooks import replace_layer_forward
 
 if TYPE_CHECKING:
@@ -77,18 +76,10 @@ _TINY = 1e-30
 
 
 def step_cache_threshold(args) -> Optional[float]:
-    """The threshold ``args.step_cache`` asks for, or None when the cache is off (0, None or missing)."""
-    value = getattr(args, "step_cache", None)
-    if value is None:
-        return None
-    try:
-        threshold = float(value)
-    except (TypeError, ValueError):
-        threshold = math.nan
-    if isinstance(value, bool) or not math.isfinite(threshold) or threshold < 0:
-        raise UserError(f"--step-cache must be a number >= 0 (the change threshold, e.g. 0.1; 0 turns "
-                        f"the cache off), got {value!r}")
-    return threshold or None
+    """The run's ``--step-cache`` threshold (:mod:`scail_win.run_config`), or None when the cache is off."""
+    from .run_config import of
+
+    return of(args).numerics.step_cache or None
 
 
 @dataclass
