@@ -244,11 +244,14 @@ def _escape_stray_percent(parser: argparse.ArgumentParser) -> None:
 
 def _flags_given(parser: argparse.ArgumentParser, args_list: Optional[Sequence[str]]) -> frozenset:
     """Destinations set on the command line (argparse fills in only the missing ones)."""
-    unset = object()
-    dests = {action.dest for action in parser._actions if action.dest != argparse.SUPPRESS}
-    probe = argparse.Namespace(**dict.fromkeys(dests, unset))
+    # A marker per destination: the flag replaces it when given. Appending
+    # flags (--lora) copy what they find and append to the copy, so theirs is a list.
+    unset = {action.dest: [] if isinstance(action, (argparse._AppendAction, argparse._AppendConstAction,
+                                                    argparse._ExtendAction)) else object()
+             for action in parser._actions if action.dest != argparse.SUPPRESS}
+    probe = argparse.Namespace(**unset)
     parser.parse_args(args_list, namespace=probe)
-    return frozenset(dest for dest in dests if getattr(probe, dest) is not unset)
+    return frozenset(dest for dest, marker in unset.items() if getattr(probe, dest) is not marker)
 
 
 # ------------------------------------------------------------------ configs

@@ -187,6 +187,12 @@ def test_flags_given_names_only_what_the_command_line_set():
     assert given == {"sampling_fps", "t5_cpu", "base"}  # 16 is also the default: still given
 
 
+def test_flags_given_handles_a_repeated_flag():
+    parser = arguments.build_parser()
+    assert arguments._flags_given(parser, ["--lora", "a.safetensors", "--lora", "b"]) == {"lora"}
+    assert "lora" not in arguments._flags_given(parser, ["--seed", "3"])
+
+
 def test_unknown_args_keys_are_named_in_a_warning(clean_env, caplog):
     config = write_yaml(clean_env / "c.yaml", """\
         args:
