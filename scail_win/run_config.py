@@ -128,14 +128,14 @@ def threshold(value) -> float:
     return number
 
 
-def lora_list(value) -> Tuple[str, ...]:
+def lora_list(value) -> list:
     """``lora`` values: one ``FILE[:STRENGTH]`` string or a list of them."""
     if value is None:
-        return ()
+        return []
     if isinstance(value, str):
-        return (value,)
+        return [value]
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return tuple(value)
+        return list(value)
     raise argparse.ArgumentTypeError(f"expected FILE[:STRENGTH] or a list of them, got {value!r}")
 
 
@@ -190,12 +190,12 @@ def text(value) -> str:
     return str(value)
 
 
-def paths(value) -> Tuple[str, ...]:
+def paths(value) -> list:
     if value is None:
-        return ()
+        return []
     if isinstance(value, (list, tuple)):
-        return tuple(str(v) for v in value)
-    return (str(value),)
+        return [str(v) for v in value]
+    return [str(value)]
 
 
 # ---------------------------------------------------------------- the config
@@ -211,7 +211,10 @@ def flag_name(name: str) -> str:
 
 
 class _Group:
-    """A frozen group of options; every value is parsed (and so checked) as the group is made."""
+    """A frozen group of options; every value is parsed (and so checked) as the group is made.
+
+    Lists (as the parsers return them for args) are held as tuples.
+    """
 
     def __post_init__(self):
         for f in fields(self):
@@ -220,7 +223,7 @@ class _Group:
                 parsed = f.metadata["parse"](value)
             except argparse.ArgumentTypeError as exc:
                 raise UserError(f"{flag_name(f.name)} {value}: {exc}") from None
-            object.__setattr__(self, f.name, parsed)
+            object.__setattr__(self, f.name, tuple(parsed) if isinstance(parsed, list) else parsed)
 
 
 @dataclass(frozen=True)

@@ -330,3 +330,16 @@ def test_upstream_args_equal_the_former_command_line_round_trip(tmp_path):
     assert (upstream["fp8_matmul"], upstream["vae_tiling"], upstream["lora"]) == (
         True, "on", ["from_config.safetensors"])
     assert (upstream["seed"], upstream["output_dir"], upstream["save_every"]) == (9, "from_config", 5)
+
+
+def test_the_resume_fingerprint_settings_are_the_non_default_numerics_and_the_loras(tmp_path):
+    from scail_win import lora, sample_video
+
+    assert sample_video.numerics_settings(argparse.Namespace()) == {}
+    assert sample_video.numerics_settings(argparse.Namespace(sampler="euler", attention="auto", step_cache=0.0,
+                                                             fp8_matmul=False, rope_mode="exact")) == {}
+    weights = tmp_path / "style.safetensors"
+    weights.write_bytes(b"x")
+    args = argparse.Namespace(sampler="unipc", step_cache="0.1", lora=[f"{weights}:0.5"])
+    assert sample_video.numerics_settings(args) == dict(sampler="unipc", step_cache=0.1,
+                                                        lora=lora.identity(args))
