@@ -22,8 +22,8 @@ from typing import Iterable, List, Optional
 
 from .cli_support import HelpFormatter, run_cli, setup_logging
 from .errors import UserError
-from .run_config import ATTENTION_CHOICES, SAMPLER_CHOICES
-from .run_config import DEFAULT_SAVE_EVERY, DEFAULT_SEED
+from . import run_config
+from .run_config import ATTENTION_CHOICES, DEFAULT_SAVE_EVERY, DEFAULT_SEED, SAMPLER_CHOICES
 from .jobs import (Job, ModelLimits, check_resolution, config_resolution, interactive_jobs,
                    read_input_file, resolve_max_frames, validate_job, validate_jobs)
 from .smoke import SMOKE_FRAMES, SMOKE_SIZE, SMOKE_STEPS
@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use at most the first N pose frames (default: the model's limit, 81)")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--output-dir", default="samples", metavar="DIR", help="where videos go")
+    output.add_argument("--output-dir", default=run_config.default("output_dir"), metavar="DIR",
+                        help="where videos go")
     output.add_argument("--save-every", type=_non_negative_int, default=DEFAULT_SAVE_EVERY, metavar="N",
                         help="save the denoising state every N steps so --resume can continue (0: never)")
     output.add_argument("--resume", action="store_true",
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--cfg-scale", type=_non_negative_number, metavar="SCALE",
                           help=f"classifier-free guidance scale; 1 skips the unconditional pass (half the "
                                f"work); 1 with --fast (default: {DEFAULT_CFG_SCALE})")
-    sampling.add_argument("--sampler", choices=SAMPLER_CHOICES, default="euler",
+    sampling.add_argument("--sampler", choices=SAMPLER_CHOICES, default=run_config.default("sampler"),
                           help="ODE solver: euler is upstream's, bit for bit; unipc and dpmpp_2m are "
                                "higher-order flow solvers for 20-30 steps")
     sampling.add_argument("--shift", type=_positive_number, metavar="S",
@@ -165,22 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--ram-budget", type=_positive_number, metavar="GB",
                         help="host memory to plan for (default: what is available)")
     memory.add_argument("--t5-cpu", action="store_true", help="run the text encoder on the CPU")
-    memory.add_argument("--vae-tiling", choices=("on", "off", "auto"), default="auto",
+    memory.add_argument("--vae-tiling", choices=("on", "off", "auto"), default=run_config.default("vae_tiling"),
                         help="decode and encode video in tiles to save GPU memory")
-    memory.add_argument("--offload", choices=("auto", "none"), default="auto",
+    memory.add_argument("--offload", choices=("auto", "none"), default=run_config.default("offload"),
                         help="auto: plan GPU/CPU placement from the budgets; none: keep every component "
                              "where upstream puts it")
     speed = parser.add_argument_group("speed and caching")
-    speed.add_argument("--rope-mode", choices=("fp32", "exact"), default="fp32",
+    speed.add_argument("--rope-mode", choices=("fp32", "exact"), default=run_config.default("rope_mode"),
                        help="3D RoPE arithmetic: fp32 rounds once; exact reproduces upstream's bf16 "
                             "rounding bit for bit")
-    speed.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
+    speed.add_argument("--attention", choices=ATTENTION_CHOICES, default=run_config.default("attention"),
                        help="attention kernel: auto takes SageAttention or flash-attn where installed and "
                             "working, else PyTorch's SDPA")
     speed.add_argument("--fp8-matmul", action="store_true",
                        help="with fp8 weights (convert --dtype fp8_e4m3fn) on a GPU with fp8 tensor cores "
                             "(sm 8.9+: RTX 40xx and newer), multiply in fp8 instead of upcasting")
-    speed.add_argument("--step-cache", type=_non_negative_number, default=0.0, metavar="THRESHOLD",
+    speed.add_argument("--step-cache", type=_non_negative_number, default=run_config.default("step_cache"),
+                       metavar="THRESHOLD",
                        help="skip the DiT's blocks on steps whose first block changes less than THRESHOLD "
                             "(relative L1; about 0.05-0.1); 0 is off")
     speed.add_argument("--embed-cache", metavar="DIR",

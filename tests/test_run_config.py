@@ -311,7 +311,8 @@ def test_upstream_args_equal_the_former_command_line_round_trip(tmp_path):
         assert new == old, (argv, {key: (old.get(key), new.get(key)) for key in set(old) | set(new)
                                    if old.get(key) != new.get(key)})
     default, memory, speed, from_config, overridden = report["configs"]
-    assert default["weights"] == str(weights) and default["steps"] == 50 and default["base"] == [str(arguments.packaged_config_path())]
+    assert default["weights"] == str(weights) and default["steps"] == 50
+    assert default["base"] == [str(arguments.packaged_config_path())]
     assert (memory["blocks_on_gpu"], memory["resolution"], memory["max_frames"]) == (0, [480, 832], 33)
     assert speed["lora"] == ["a.safetensors:0.5", "b.safetensors"] and speed["embed_cache"] == "off"
     # The config's args: reach the attached RunConfig where the CLI left them open ...
