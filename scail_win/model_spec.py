@@ -35,10 +35,8 @@ _UNMODELLED = ("num_multi_query_heads", "cross_num_multi_query_heads", "num_clas
 
 def _plain(node: Any) -> Any:
     """An OmegaConf node as plain Python (interpolations left unresolved: weight paths need a resolver)."""
-    try:
-        from omegaconf import OmegaConf
-    except ImportError:
-        return node
+    from omegaconf import OmegaConf
+
     if OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=False)
     return node
