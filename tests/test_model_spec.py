@@ -118,6 +118,19 @@ def test_parameter_counts_match_scails_layout():
     assert round(spec.total_params * 2 / GiB, 2) == 30.54
 
 
+def test_counts_match_measured_upstream_builds():
+    """The baseline (shared/baseline, H200, 2026-11-28) built upstream's DiT and counted its parameters."""
+    spec = ModelSpec.from_config(packaged_config())
+    assert spec.total_params == 16_394_965_824  # "full: params 16,394,965,824"
+    small = OmegaConf.merge(packaged_network(), {"params": {
+        "num_layers": 2, "hidden_size": 256, "time_embed_dim": 256, "inner_hidden_size": 512,
+        "num_attention_heads": 4, "modules": {"pos_embed_config": {"params": {"hidden_size_head": 64}},
+                                              "adaln_layer_config": {"params": {"hidden_size_head": 256}}}}})
+    spec = ModelSpec.from_network_config(small)
+    # "small: params / tokens per sample 5,518,400 / 812" at 128x224, 17 frames.
+    assert (spec.total_params, spec.tokens_per_sample(17, 128, 224)) == (5_518_400, 812)
+
+
 def test_other_configs_get_their_own_dimensions():
     tiny = OmegaConf.merge(packaged_network(), {"params": TINY_DIT})
     spec = ModelSpec.from_network_config(tiny)
