@@ -57,6 +57,11 @@ def _positive(params: Mapping, key: str, where: str) -> int:
     return value
 
 
+def _optional(params: Mapping, key: str, where: str, default: int) -> int:
+    """``params[key]`` where set (a positive int), else ``default`` (upstream's default for it)."""
+    return default if params.get(key) is None else _positive(params, key, where)
+
+
 def _linear(n_in: int, n_out: int) -> int:
     return n_in * n_out + n_out
 
@@ -82,7 +87,7 @@ class ModelSpec:
     latent_width: int
     time_embed_dim: int
     time_freq_dim: int
-    qk_norm_size: int  # width of each q/k RMSNorm (SCAIL: the whole hidden size)
+    qk_norm_size: int  # width of each q/k RMSNorm (the AdaLN mixin's hidden_size_head; SCAIL: the hidden size)
     qk_norm_affine: bool
     qk_norm: bool
     share_adaln: bool
@@ -130,7 +135,11 @@ class ModelSpec:
         adaln = (modules.get("adaln_layer_config") or {}).get("params") or {}
         patch = (modules.get("patch_embed_config") or {}).get("params") or {}
         affine = bool(params["elementwise_affine"])
-        time_embed = params.get("time_embed_dim") or hidden
+        time_embed = _optional(params, "time_embed_dim", where, hidden)
+        qk_norm = bool(adaln.get("qk_ln", True))
+        adaln_where = where + "modules.adaln_layer_config.params."
+        if qk_norm and adaln.get("hidden_size_head") is None:
+            raise ValueError(f"the model config lacks {adaln_where}hidden_size_head (the q/k norms' width)")
         out_channels = _positive(params, "out_channels", where)
         if "use_i2v_clip" in params:
             use_i2v_clip = bool(params["use_i2v_clip"])
@@ -140,18 +149,18 @@ class ModelSpec:
             raise ValueError(f"the text length must be a positive int, got {text_length!r}")
         return cls(
             num_layers=_positive(params, "num_layers", where), hidden_size=hidden,
-            ffn_size=params.get("inner_hidden_size") or 4 * hidden, num_heads=heads,
+            ffn_size=_optional(params, "inner_hidden_size", where, 4 * hidden), num_heads=heads,
             text_dim=_positive(params, "text_dim", where), text_length=text_length,
             in_channels=_positive(params, "in_channels", where), out_channels=out_channels,
-            latent_channels=latent_channels or out_channels,
+            latent_channels=_optional({"latent_channels": latent_channels}, "latent_channels", "", out_channels),
             patch_size=_ints(params["patch_size"], 3, where + "patch_size"), vae_stride=vae_stride,
             time_compressed_rate=time_rate, num_frames=_positive(params, "num_frames", where),
             latent_height=_positive(params, "latent_height", where),
             latent_width=_positive(params, "latent_width", where),
-            time_embed_dim=time_embed, time_freq_dim=params.get("time_freq_dim") or time_embed,
-            qk_norm_size=adaln.get("hidden_size_head") or hidden,
+            time_embed_dim=time_embed, time_freq_dim=_optional(params, "time_freq_dim", where, time_embed),
+            qk_norm_size=_optional(adaln, "hidden_size_head", adaln_where, hidden),
             qk_norm_affine=affine if adaln.get("qk_ln_affine") is None else bool(adaln["qk_ln_affine"]),
-            qk_norm=bool(adaln.get("qk_ln", True)), share_adaln=bool(params.get("share_adaln", False)),
+            qk_norm=qk_norm, share_adaln=bool(params.get("share_adaln", False)),
             elementwise_affine=affine, use_rmsnorm=bool(params.get("use_RMSNorm", False)),
             swiglu=bool(params.get("use_SwiGLU", False)), conv_patch_embed=bool(patch.get("use_conv", True)),
             use_i2v_clip=use_i2v_clip, half_size_pose="smpl_downsample" in str(representation),

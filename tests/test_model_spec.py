@@ -199,6 +199,12 @@ def test_malformed_configs_are_named():
         ModelSpec.from_network_config({**params, "patch_size": [1, 2]})
     with pytest.raises(ValueError, match="num_multi_query_heads"):
         ModelSpec.from_network_config({**params, "num_multi_query_heads": 8})
+    with pytest.raises(ValueError, match="inner_hidden_size"):
+        ModelSpec.from_network_config({**params, "inner_hidden_size": 0})
+    no_norm_width = copy.deepcopy(params)
+    del no_norm_width["modules"]["adaln_layer_config"]["params"]["hidden_size_head"]
+    with pytest.raises(ValueError, match="adaln_layer_config.params.hidden_size_head"):
+        ModelSpec.from_network_config(no_norm_width)
     with pytest.raises(ValueError, match="vae_compress_size"):
         ModelSpec.from_network_config(params, vae_compress_size=[4, 8])
     model = OmegaConf.to_container(packaged_config().model, resolve=False)

@@ -37,6 +37,10 @@ model:
       num_layers: 2
       num_attention_heads: 2
       elementwise_affine: false
+      modules:
+        adaln_layer_config:
+          params:
+            hidden_size_head: 128
   conditioner_config:
     params:
       emb_models:
