@@ -104,6 +104,13 @@ def model_config(scail_root: Path, layers):
     return cfg
 
 
+def model_spec(cfg):
+    """The ModelSpec of ``cfg`` (upstream's model yaml) with upstream's sampling arguments for SCAIL-Preview."""
+    from scail_win.model_spec import ModelSpec
+
+    return ModelSpec.from_model_config(cfg, vae_compress_size=[4, 8, 8], representation="smpl_downsample")
+
+
 def random_weights_(module: torch.nn.Module, device, seed=0) -> None:
     """Give every meta parameter random bf16 values on ``device`` (fast, on the GPU)."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -329,7 +336,7 @@ def stage_swap(args, cfg, res, ours):
     resident_bytes = sum(p.numel() for p in ours.parameters()) * 2 - sum(g.numel for g in groups) * 2
     rows = []
     for card in args.budgets:
-        dit_spec, *_ = memory.scail_specs(*args.size, args.frames, group_bytes=group_bytes,
+        dit_spec, *_ = memory.scail_specs(model_spec(cfg), *args.size, args.frames, group_bytes=group_bytes,
                                           resident_bytes=resident_bytes)
         plan = memory.plan_memory(dit_spec, total_vram_bytes=int(card * GIB))
         torch.cuda.set_per_process_memory_fraction(min(1.0, card * GIB / total), dev)
@@ -427,7 +434,7 @@ def stage_activations(args, cfg, res):
     torch.cuda.empty_cache()
 
 
-def stage_phases(args, res):
+def stage_phases(args, cfg, res):
     """T5, CLIP and VAE at the 8 GiB plan (random weights, full architectures)."""
     from scail_win import memory, offload, vae_tiling
     from scail_win.lazy_init import empty_weights
@@ -435,8 +442,7 @@ def stage_phases(args, res):
     dev = torch.device("cuda", 0)
     total = torch.cuda.get_device_properties(dev).total_memory
     card = 8.0
-    _, t5_spec, clip_spec, vae_spec = memory.scail_specs(*args.size, args.frames)
-    dit_spec, *_ = memory.scail_specs(*args.size, args.frames)
+    dit_spec, t5_spec, clip_spec, vae_spec = memory.scail_specs(model_spec(cfg), *args.size, args.frames)
     plan = memory.plan_memory(dit_spec, total_vram_bytes=int(card * GIB), t5=t5_spec, clip=clip_spec, vae=vae_spec)
     rows = []
 
@@ -553,7 +559,7 @@ def main(argv=None) -> int:
         del ours
         torch.cuda.empty_cache()
         if "phases" in args.stages:
-            stage_phases(args, res)
+            stage_phases(args, cfg, res)
     finally:
         res["host_final"] = host_memory()
         (out / "results.json").write_text(json.dumps(res, indent=1, default=str))

@@ -308,14 +308,16 @@ def _step_size(text: str) -> tuple[int, int, int]:
     return h, w, f
 
 
-def _plan_ours(dit: nn.Module, args, device: torch.device):
+def _plan_ours(model, dit: nn.Module, args, device: torch.device):
     """The memory plan scail_win.model_loader.build makes for this size (None off CUDA)."""
     from scail_win.model_loader import make_plan
 
     if device.type != "cuda":
         return None
     h, w, f = args.first_step or (512, 896, 81)
-    return make_plan(argparse.Namespace(sampling_image_size=(h, w), max_frames=f), dit, device)
+    return make_plan(argparse.Namespace(model_config=model.cfg, vae_compress_size=[4, 8, 8],
+                                        representation="smpl_downsample", sampling_image_size=(h, w),
+                                        max_frames=f), dit, device)
 
 
 def _place_ours(dit: nn.Module, plan, device: torch.device):
@@ -377,7 +379,7 @@ def child(args) -> None:
             from scail_win.model_loader import dit_load_device
 
             # Where scail_win.model_loader.build puts the tensors: the GPU when the DiT stays there.
-            plan = _plan_ours(dit, args, device)
+            plan = _plan_ours(model, dit, args, device)
             place = dit_load_device(plan, device)
         dtype = None if args.keep_fp8 else torch.bfloat16
         result = W.load_into(dit, src, prefix=args.prefix, placement=place, dtype=dtype, keep_fp8=args.keep_fp8)

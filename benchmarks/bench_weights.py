@@ -150,7 +150,7 @@ def stage_files(args, cfg, res, dit, inputs):
         groups = offload.scail_layer_groups(model)
         fp8_mm = fp8_linear.plan_fp8_matmul(model, dev, fp8_matmul, fp8)
         resident_bytes = (sum(p.numel() for p in model.parameters()) - sum(g.numel for g in groups)) * 2
-        dit_spec, *_ = memory.scail_specs(*args.size, 81,
+        dit_spec, *_ = memory.scail_specs(bd.model_spec(cfg), *args.size, 81,
                                           group_bytes=largest_group_gpu_bytes(model, groups, frozenset(fp8_mm)),
                                           resident_bytes=resident_bytes,
                                           dit_host_bytes_per_param=1 if fp8 else 2)

@@ -17,9 +17,12 @@ import sys
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, List, Optional, Sequence
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class Job:
 
 @dataclass(frozen=True)
 class ModelLimits:
-    """What the model's shapes allow; SCAIL-Preview's values unless the config says otherwise."""
+    """What the model's shapes allow (:meth:`from_spec`); the defaults are SCAIL-Preview's."""
 
     max_frames: int = 81       # DiT num_frames: RoPE and AdaLN tables hold 21 latent frames
     frame_group: int = 4       # VAE temporal compression: 1 + 4k frames -> 1 + k latents
@@ -77,31 +80,9 @@ class ModelLimits:
     max_width: int = 2400
 
     @classmethod
-    def from_config(cls, config) -> "ModelLimits":
-        from omegaconf import OmegaConf
-
-        def pick(key, default):
-            value = OmegaConf.select(config, key, default=None)
-            if value is None:
-                log.debug("config has no %s; using SCAIL-Preview's %s", key, default)
-                return default
-            return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
-
-        net = "model.network_config.params."
-        time_rate = int(pick(net + "time_compressed_rate", 4))
-        vae_t, vae_h, vae_w = (int(v) for v in pick("args.vae_compress_size", [time_rate, 8, 8]))
-        _, patch_h, patch_w = (int(v) for v in pick(net + "patch_size", [1, 2, 2]))
-        latent_frames = (int(pick(net + "num_frames", 81)) - 1) // time_rate + 1
-        multiple = vae_h * patch_h
-        if "smpl_downsample" in str(pick("args.representation", "dwpose")):
-            multiple *= 2
-        return cls(
-            max_frames=(latent_frames - 1) * vae_t + 1,
-            frame_group=vae_t,
-            size_multiple=multiple,
-            max_height=int(pick(net + "latent_height", 300)) // patch_h * patch_h * vae_h,
-            max_width=int(pick(net + "latent_width", 300)) // patch_w * patch_w * vae_w,
-        )
+    def from_spec(cls, spec: "ModelSpec") -> "ModelLimits":
+        return cls(max_frames=spec.max_frames, frame_group=spec.vae_stride[0], size_multiple=spec.size_multiple,
+                   max_height=spec.max_height, max_width=spec.max_width)
 
 
 # -- configuration ----------------------------------------------------------------------

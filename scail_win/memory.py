@@ -39,6 +39,8 @@ import math
 from dataclasses import dataclass, field
 
 from scail_win.errors import UserError
+from scail_win.model_spec import ModelSpec
+from scail_win.vae_tiling import WAN_SPATIAL_FACTOR
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class DiTSpec:
     group_bytes: int  # one layer group on the GPU (after any upcast)
     resident_bytes: int  # parameters outside the layer groups
     cfg_batch: int = 2  # samples per model call (2 with classifier-free guidance)
-    context_tokens: int = 512 + 257  # text + CLIP image tokens
+    context_tokens: int = 512 + 257  # text + CLIP image tokens (ModelSpec.context_tokens)
     act_bytes: int = 2
     group_host_bytes: int | None = None  # one group in host memory (fp8: half); default group_bytes
     label: str = ""  # e.g. "512x896, 81 frames", for messages
@@ -100,6 +102,7 @@ class VaeSpec:
     height: int
     width: int
     frames: int
+    spatial_stride: int = WAN_SPATIAL_FACTOR  # pixels per latent position (ModelSpec.vae_stride)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class MemoryPlan:
     peaks: dict = field(default_factory=dict)  # phase -> estimated peak allocated bytes
     resident_phases: tuple[str, ...] = ()  # phases whose weights may stay on the GPU afterwards
     label: str = ""
+    vae_spatial_stride: int = WAN_SPATIAL_FACTOR  # the VAE's pixels per latent position, for tile sizes
 
     @property
     def swapped_blocks(self) -> int:
@@ -134,17 +138,18 @@ class MemoryPlan:
 
     def vae_tile_kwargs_for(self, op: str) -> dict:
         """Keyword arguments for ``vae_tiling.tiled_encode``/``tiled_decode`` (``op``: encode/decode)."""
-        from scail_win.vae_tiling import DEFAULT_OVERLAP_PX, WAN_SPATIAL_FACTOR
+        from scail_win.vae_tiling import DEFAULT_OVERLAP_PX
 
         tile = {"encode": self.vae_encode_tile_px, "decode": self.vae_decode_tile_px}[op]
         if tile is None:
             return {}
+        f = self.vae_spatial_stride
         if op == "encode":
-            return {"tile_px": tile, "overlap_px": DEFAULT_OVERLAP_PX}
-        f = WAN_SPATIAL_FACTOR
+            return {"tile_px": tile, "overlap_px": DEFAULT_OVERLAP_PX, "factor": f}
         return {
             "tile_latent": (tile[0] // f, tile[1] // f),
             "overlap_latent": (DEFAULT_OVERLAP_PX[0] // f, DEFAULT_OVERLAP_PX[1] // f),
+            "factor": f,
         }
 
     def describe(self) -> str:
@@ -196,44 +201,14 @@ class MemoryPlan:
 # ----------------------------------------------------------------- SCAIL sizes
 
 
-def scail_tokens_per_sample(height: int, width: int, frames: int) -> int:
-    """DiT tokens for one sample: video + reference frame + half-size pose video.
-
-    Wan VAE: 4x temporal (first frame alone), 8x spatial; patch (1, 2, 2).
-    512x896x81 -> 37,632 + 1,792 + 9,408 = 48,832.
-    """
-    for name, value in (("height", height), ("width", width), ("frames", frames)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    t = (frames - 1) // 4 + 1
-    h, w = height // 16, width // 16
-    ph, pw = height // 2 // 16, width // 2 // 16
-    return t * h * w + h * w + t * ph * pw
-
-
-def scail_layer_params(hidden: int, ffn: int) -> int:
-    """Parameters of one SCAIL layer group (self-, cross- and CLIP attention, FFN, AdaLN, qk norms)."""
-    d = hidden
-    linear = lambda i, o: i * o + o  # noqa: E731
-    return (
-        linear(d, 3 * d) + linear(d, d)  # self-attention qkv, output
-        + linear(d, d) + linear(d, 2 * d) + linear(d, d)  # cross-attention q, kv, output
-        + linear(d, 2 * d)  # CLIP image kv
-        + linear(d, ffn) + linear(ffn, d)
-        + 6 * d  # shared-AdaLN modulation
-        + 5 * d  # RMSNorms on q, k, cross q, cross k, CLIP k
-    )
-
-
-# Measured (UPSTREAM.md, baseline/README.md, bf16, H200): the DiT has
-# 16.39 B parameters in all; umT5-XXL peaks at 10.85 GiB with 10.62 GiB of
-# weights for 512 tokens; CLIP 1.24 / 1.20 GiB.
-_SCAIL_TOTAL_PARAMS = 16_390_000_000
+# Measured (UPSTREAM.md, baseline/README.md, bf16, H200): umT5-XXL peaks at
+# 10.85 GiB with 10.62 GiB of weights for 512 tokens; CLIP 1.24 / 1.20 GiB.
 _UMT5 = dict(layers=24, d=4096, ff=10240, vocab=256_384, weights=10.62 * GiB, act=0.23 * GiB)
 _CLIP = dict(weights=1.20 * GiB, act=0.04 * GiB)
 
 
 def scail_specs(
+    model: ModelSpec,
     height: int,
     width: int,
     frames: int,
@@ -243,23 +218,24 @@ def scail_specs(
     group_bytes: int | None = None,
     resident_bytes: int | None = None,
 ) -> tuple[DiTSpec, ComponentSpec, ComponentSpec, VaeSpec]:
-    """Specs for SCAIL-Preview (DiT, umT5-XXL, CLIP, VAE) at a resolution.
+    """Specs for SCAIL (DiT as ``model`` describes it, umT5-XXL, CLIP, VAE) at a resolution.
 
     Pass ``group_bytes``/``resident_bytes`` measured from the loaded model
-    (``LayerGroup.numel * 2``) when available; the defaults come from the
-    layer shapes and the measured total.
+    (``LayerGroup.numel * 2``) when available; the defaults are the bf16
+    sizes of ``model``'s parameter counts.
     """
-    layers, hidden, ffn, heads = 40, 5120, 13824, 40
-    per_group = scail_layer_params(hidden, ffn)
+    if not isinstance(model, ModelSpec):
+        raise TypeError(f"scail_specs needs a ModelSpec, got {type(model).__name__}")
+    per_group = model.layer_params
     if group_bytes is None:
         group_bytes = per_group * 2
     if resident_bytes is None:
-        resident_bytes = (_SCAIL_TOTAL_PARAMS - layers * per_group) * 2
+        resident_bytes = model.resident_params * 2
     dit = DiTSpec(
-        num_layers=layers, hidden=hidden, ffn=ffn, head_dim=hidden // heads,
-        tokens_per_sample=scail_tokens_per_sample(height, width, frames),
+        num_layers=model.num_layers, hidden=model.hidden_size, ffn=model.ffn_size, head_dim=model.head_dim,
+        tokens_per_sample=model.tokens_per_sample(frames, height, width),
         group_bytes=group_bytes, resident_bytes=resident_bytes, cfg_batch=cfg_batch,
-        group_host_bytes=per_group * dit_host_bytes_per_param,
+        context_tokens=model.context_tokens, group_host_bytes=per_group * dit_host_bytes_per_param,
         label=f"{height}x{width}, {frames} frames",
     )
     u = _UMT5
@@ -267,7 +243,7 @@ def scail_specs(
     t5 = ComponentSpec("umT5-XXL", int(u["weights"]), int(u["act"]), group_bytes=block,
                        resident_bytes=u["vocab"] * u["d"] * 2)
     clip = ComponentSpec("CLIP ViT-H/14", int(_CLIP["weights"]), int(_CLIP["act"]))
-    return dit, t5, clip, VaeSpec(height, width, frames)
+    return dit, t5, clip, VaeSpec(height, width, frames, spatial_stride=model.vae_stride[1])
 
 
 # ------------------------------------------------------------------- estimates
@@ -377,7 +353,8 @@ def plan_memory(
     tiles = {}
     if vae is not None:
         for op in ("encode", "decode"):
-            tiles[op] = vae_tiling.pick_tile_px(vae.frames, vae.height, vae.width, budget, op)
+            tiles[op] = vae_tiling.pick_tile_px(vae.frames, vae.height, vae.width, budget, op,
+                                                factor=vae.spatial_stride)
             peaks[f"vae_{op}"] = vae_tiling.estimate_peak_bytes(
                 op, vae.frames, vae.height, vae.width, tiles[op]
             )
@@ -419,6 +396,7 @@ def plan_memory(
         t5_placement=t5_place, clip_placement=clip_place,
         vae_encode_tile_px=tiles.get("encode"), vae_decode_tile_px=tiles.get("decode"),
         peaks=peaks, resident_phases=resident, label=dit.label,
+        vae_spatial_stride=vae.spatial_stride if vae is not None else WAN_SPATIAL_FACTOR,
     )
 
 
@@ -454,5 +432,5 @@ def _plan_dit(dit: DiTSpec, budget: int, prefetch: int, forced_blocks: int | Non
 __all__ = [
     "ComponentSpec", "DiTSpec", "GiB", "MemoryPlan", "VaeSpec",
     "default_budget_bytes", "dit_activation_bytes", "dit_fixed_bytes",
-    "plan_memory", "scail_layer_params", "scail_specs", "scail_tokens_per_sample",
+    "plan_memory", "scail_specs",
 ]

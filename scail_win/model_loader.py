@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
 DIT_PREFIX = "model.diffusion_model."
-MAX_FRAMES_DEFAULT = 81
 
 
 # What a SCAIL checkout provides: sampling imports these by name.
@@ -138,24 +137,28 @@ def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: 
 
     None means: a CPU run, or ``--offload none`` (everything where upstream
     puts it). Otherwise the sampling size in ``args`` (and at most
-    ``max_frames``) is what the plan must fit. ``fp8_on_gpu``: names of the
-    weights that stay fp8 on the GPU (fp8 matmul), one byte a parameter there.
+    ``max_frames``, by default the model's frame limit) is what the plan must
+    fit; the model's dimensions come from ``args.model_config``, the config
+    ``dit`` was built from. ``fp8_on_gpu``: names of the weights that stay
+    fp8 on the GPU (fp8 matmul), one byte a parameter there.
     """
     from . import memory, offload
     from .host_memory import available_ram
+    from .model_spec import ModelSpec
 
     config = run_config.of(args)
     memory_options = config.memory
     if device.type != "cuda" or memory_options.offload == "none":
         return None
+    spec = ModelSpec.from_args(args)
     height, width = (int(v) for v in args.sampling_image_size)
-    frames = config.sampling.max_frames or MAX_FRAMES_DEFAULT
+    frames = config.sampling.max_frames or spec.max_frames
     groups = offload.scail_layer_groups(dit)
     group_bytes = largest_group_gpu_bytes(dit, groups, fp8_on_gpu)
     total_params = sum(p.numel() for p in dit.parameters())
     resident_params = total_params - sum(g.numel for g in groups)
     dit_spec, t5_spec, clip_spec, vae_spec = memory.scail_specs(
-        height, width, frames, group_bytes=group_bytes, resident_bytes=resident_params * 2,
+        spec, height, width, frames, group_bytes=group_bytes, resident_bytes=resident_params * 2,
         dit_host_bytes_per_param=host_bytes_per_param)
     budget = memory_options.vram_budget
     total = torch.cuda.get_device_properties(device).total_memory

@@ -26,6 +26,7 @@ from . import run_config
 from .run_config import ATTENTION_CHOICES, DEFAULT_SAVE_EVERY, DEFAULT_SEED, SAMPLER_CHOICES
 from .jobs import (Job, ModelLimits, check_resolution, config_resolution, interactive_jobs,
                    read_input_file, resolve_max_frames, validate_job, validate_jobs)
+from .model_spec import ModelSpec
 from .smoke import SMOKE_FRAMES, SMOKE_SIZE, SMOKE_STEPS
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,10 @@ def prepare(opts: argparse.Namespace) -> Iterable[Job]:
     from .arguments import load_config
 
     config = load_config(opts.base, opts.weights)
-    limits = ModelLimits.from_config(config)
+    try:
+        limits = ModelLimits.from_spec(ModelSpec.from_config(config))
+    except ValueError as exc:
+        raise UserError(f"{', '.join(map(str, opts.base or ['the packaged config']))}: {exc}") from None
     if opts.smoke:
         # The smoke model is made for the size and length asked for.
         opts.resolution = opts.resolution or SMOKE_SIZE

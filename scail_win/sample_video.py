@@ -37,16 +37,14 @@ class JobResult:
 
 def job_settings(args) -> dict:
     """``validate_job`` settings from upstream-style ``args`` (config merged in)."""
-    from omegaconf import OmegaConf
+    from .model_spec import ModelSpec
 
-    config = OmegaConf.create({"model": OmegaConf.to_container(args.model_config) if OmegaConf.is_config(args.model_config) else dict(args.model_config),
-                               "args": {"representation": getattr(args, "representation", "smpl_downsample"),
-                                        "vae_compress_size": list(getattr(args, "vae_compress_size", [4, 8, 8]))}})
-    limits = ModelLimits.from_config(config)
+    limits = ModelLimits.from_spec(ModelSpec.from_args(args))
     resolution = tuple(int(v) for v in args.sampling_image_size)
     check_resolution(resolution, limits, "sampling_image_size")
-    return dict(resolution=resolution, max_frames=resolve_max_frames(getattr(args, "max_frames", None), limits),
-                limits=limits, output_dir=getattr(args, "output_dir", "samples"))
+    config = run_config_of(args)
+    return dict(resolution=resolution, max_frames=resolve_max_frames(config.sampling.max_frames, limits),
+                limits=limits, output_dir=config.io.output_dir)
 
 
 def stdin_jobs(args) -> Iterator[Job]:

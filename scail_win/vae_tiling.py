@@ -234,29 +234,31 @@ def _parameter_device(module: Any) -> Any:
 
 def tiled_encode(vae: Any, video: "torch.Tensor", tile_px: Pair = DEFAULT_TILE_PX,
                  overlap_px: Pair = DEFAULT_OVERLAP_PX, *, scale: Any = None,
-                 output_device: Any = None) -> "torch.Tensor":
+                 output_device: Any = None, factor: int = WAN_SPATIAL_FACTOR) -> "torch.Tensor":
     """Upstream ``vae.encode(video)``, tiled over height and width.
 
     ``vae`` is ``sgm.models.wan_vae.WanVAE`` (or its ``.model`` with
     ``scale``); ``video`` is (B, 3, T, H, W) in [-1, 1], in the dtype upstream
     passes. Tiles run on the VAE's parameter device; the latents (float32)
-    land on ``output_device`` (default: the video's device).
+    land on ``output_device`` (default: the video's device). ``factor``: the
+    VAE's spatial stride (the model's ``ModelSpec.vae_stride``).
     """
     encode_fn, _, device = _wan_callables(vae, scale)
-    return tiled_encode_with(encode_fn, video, factor=WAN_SPATIAL_FACTOR, tile_px=tile_px,
+    return tiled_encode_with(encode_fn, video, factor=factor, tile_px=tile_px,
                              overlap_px=overlap_px, device=device, output_device=output_device)
 
 
 def tiled_decode(vae: Any, latents: "torch.Tensor", tile_latent: Pair = DEFAULT_TILE_LATENT,
                  overlap_latent: Pair = DEFAULT_OVERLAP_LATENT, *, scale: Any = None,
-                 output_device: Any = None) -> "torch.Tensor":
+                 output_device: Any = None, factor: int = WAN_SPATIAL_FACTOR) -> "torch.Tensor":
     """Upstream ``vae.decode(latents)``, tiled over height and width.
 
     ``latents`` is (B, 16, t, h, w); the video (float32, B, 3, 4t-3, 8h, 8w)
-    lands on ``output_device`` (default: the latents' device).
+    lands on ``output_device`` (default: the latents' device); ``factor`` as
+    in :func:`tiled_encode`.
     """
     _, decode_fn, device = _wan_callables(vae, scale)
-    return tiled_decode_with(decode_fn, latents, factor=WAN_SPATIAL_FACTOR,
+    return tiled_decode_with(decode_fn, latents, factor=factor,
                              tile_latent=tile_latent, overlap_latent=overlap_latent,
                              device=device, output_device=output_device)
 
@@ -348,37 +350,39 @@ def needs_tiling(frames: int, height: int, width: int, budget_bytes: int,
     return estimate_peak_bytes(op, frames, height, width) > budget_bytes
 
 
-def _tile_for(size: int, count: int, overlap: int) -> int | None:
-    """Smallest 8-aligned tile that covers ``size`` with ``count`` tiles."""
+def _tile_for(size: int, count: int, overlap: int, factor: int) -> int | None:
+    """Smallest ``factor``-aligned tile that covers ``size`` with ``count`` tiles."""
     if count == 1:
-        return -(-size // WAN_SPATIAL_FACTOR) * WAN_SPATIAL_FACTOR
+        return -(-size // factor) * factor
     need = -(-(size + (count - 1) * overlap) // count)
-    tile = -(-need // WAN_SPATIAL_FACTOR) * WAN_SPATIAL_FACTOR
+    tile = -(-need // factor) * factor
     return tile if overlap < tile < size else None
 
 
 def pick_tile_px(frames: int, height: int, width: int, budget_bytes: int, op: str = "decode",
-                 overlap_px: int = DEFAULT_OVERLAP_PX[0]) -> tuple[int, int] | None:
+                 overlap_px: int = DEFAULT_OVERLAP_PX[0], factor: int = WAN_SPATIAL_FACTOR
+                 ) -> tuple[int, int] | None:
     """Tile size in pixels for ``op`` within ``budget_bytes``; None if untiled fits.
 
     Among tilings estimated to fit, picks the one computing the least area
     (overlaps are computed twice), then the fewest tiles. Both sides are
-    multiples of 8; for decode pass ``(h // 8, w // 8)`` as ``tile_latent``
-    and ``overlap_px // 8`` as ``overlap_latent``. Raises UserError when
-    even the smallest tile does not fit.
+    multiples of ``factor`` (the VAE's spatial stride); for decode pass
+    ``(h // factor, w // factor)`` as ``tile_latent`` and ``overlap_px //
+    factor`` as ``overlap_latent``. Raises UserError when even the smallest
+    tile does not fit.
     """
     _check_sizes(op, frames, height, width)
-    if overlap_px < 0 or overlap_px % WAN_SPATIAL_FACTOR:
-        raise ValueError(f"overlap_px must be a non-negative multiple of 8, got {overlap_px}")
+    if overlap_px < 0 or overlap_px % factor:
+        raise ValueError(f"overlap_px must be a non-negative multiple of {factor}, got {overlap_px}")
     if not needs_tiling(frames, height, width, budget_bytes, op):
         return None
     best: tuple[tuple[int, int], tuple[int, int]] | None = None
-    for rows in range(1, -(-height // WAN_SPATIAL_FACTOR) + 1):
-        tile_h = _tile_for(height, rows, overlap_px)
+    for rows in range(1, -(-height // factor) + 1):
+        tile_h = _tile_for(height, rows, overlap_px, factor)
         if tile_h is None:
             continue
-        for cols in range(1, -(-width // WAN_SPATIAL_FACTOR) + 1):
-            tile_w = _tile_for(width, cols, overlap_px)
+        for cols in range(1, -(-width // factor) + 1):
+            tile_w = _tile_for(width, cols, overlap_px, factor)
             if tile_w is None or (rows == 1 and cols == 1):
                 continue
             if estimate_peak_bytes(op, frames, height, width, (tile_h, tile_w)) <= budget_bytes:
@@ -389,7 +393,7 @@ def pick_tile_px(frames: int, height: int, width: int, budget_bytes: int, op: st
                 break
     if best is None:
         floor = estimate_peak_bytes(op, frames, height, width,
-                                    (overlap_px + WAN_SPATIAL_FACTOR, overlap_px + WAN_SPATIAL_FACTOR))
+                                    (overlap_px + factor, overlap_px + factor))
         raise UserError(f"VAE {op} of {frames} frames at {height}x{width} needs about "
                         f"{floor / _GIB:.2f} GiB even in the smallest tiles, more than the "
                         f"{budget_bytes / _GIB:.2f} GiB available; lower the resolution or "

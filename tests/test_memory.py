@@ -12,42 +12,39 @@ from scail_win.memory import (
     dit_activation_bytes,
     dit_fixed_bytes,
     plan_memory,
-    scail_layer_params,
     scail_specs,
-    scail_tokens_per_sample,
 )
+from scail_win.model_spec import ModelSpec
 
 PHASES = ("text", "clip", "vae_encode", "denoise", "vae_decode")
 
 
+def packaged_spec():
+    from omegaconf import OmegaConf
+
+    from scail_win.arguments import packaged_config_path
+
+    return ModelSpec.from_config(OmegaConf.load(packaged_config_path()))
+
+
+PACKAGED = packaged_spec()
+
+
 def specs(h=512, w=896, f=81, **kw):
-    dit, t5, clip, vae = scail_specs(h, w, f, **kw)
+    dit, t5, clip, vae = scail_specs(PACKAGED, h, w, f, **kw)
     return dict(t5=t5, clip=clip, vae=vae), dit
 
 
 # --- sizes ----------------------------------------------------------------------
 
 
-def test_token_count_matches_upstream_numbers():
-    assert scail_tokens_per_sample(512, 896, 81) == 37_632 + 1_792 + 9_408
-    assert scail_tokens_per_sample(896, 512, 81) == 48_832
-    assert scail_tokens_per_sample(512, 896, 1) == 32 * 56 * 2 + 16 * 28
-    with pytest.raises(ValueError):
-        scail_tokens_per_sample(512, 0, 81)
-
-
-def test_layer_param_formula_matches_the_module_shapes():
-    d, f = 8, 12
-    layer = nn.ModuleList([
-        nn.Linear(d, 3 * d), nn.Linear(d, d),  # self-attention
-        nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d),  # cross-attention
-        nn.Linear(d, 2 * d),  # CLIP kv
-        nn.Linear(d, f), nn.Linear(f, d),  # FFN
-    ])
-    count = sum(p.numel() for p in layer.parameters()) + 6 * d + 5 * d
-    assert scail_layer_params(d, f) == count
-    # UPSTREAM.md: one layer group is ~0.81 GB in bf16.
-    assert abs(scail_layer_params(5120, 13824) * 2 / 1e9 - 0.81) < 0.01
+def test_specs_take_the_model_dimensions():
+    _, dit = specs()
+    assert (dit.num_layers, dit.hidden, dit.ffn, dit.head_dim) == (40, 5120, 13824, 128)
+    assert dit.tokens_per_sample == 48_832 and dit.context_tokens == 512 + 257
+    assert dit.group_bytes == PACKAGED.layer_params * 2 and dit.resident_bytes == PACKAGED.resident_params * 2
+    with pytest.raises(TypeError, match="ModelSpec"):
+        scail_specs(512, 896, 81, 2)
 
 
 def test_default_budget():

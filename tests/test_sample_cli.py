@@ -30,6 +30,23 @@ model:
       latent_width: 300
       latent_height: 300
       patch_size: [1, 2, 2]
+      in_channels: 20
+      out_channels: 16
+      hidden_size: 128
+      text_dim: 64
+      num_layers: 2
+      num_attention_heads: 2
+      elementwise_affine: false
+      modules:
+        adaln_layer_config:
+          params:
+            hidden_size_head: 128
+  conditioner_config:
+    params:
+      emb_models:
+        - target: sgm.modules.encoders.umt5.T5EncoderModel
+          params:
+            max_length: 512
 """
 
 
@@ -198,7 +215,7 @@ def test_bad_config_files(tmp_path):
     broken.write_text("args: [unclosed\n", encoding="utf-8")
     assert_user_error(run_cli(["--base", broken, "--input-dir", "ok"], tmp_path), "not valid YAML")
     no_size = tmp_path / "no size.yaml"
-    no_size.write_text("args:\n  bf16: true\n", encoding="utf-8")
+    no_size.write_text(BASE_YAML.replace("  sampling_image_size: [64, 128]\n", ""), encoding="utf-8")
     assert_user_error(run_cli(["--base", no_size, "--input-dir", "ok"], tmp_path), "pass --resolution")
     odd_size = tmp_path / "odd size.yaml"
     odd_size.write_text(BASE_YAML.replace("[64, 128]", "[520, 896]"), encoding="utf-8")
@@ -398,13 +415,23 @@ def test_errors_from_the_run_map_to_exit_codes(tmp_path, base, monkeypatch, caps
 def test_limits_from_config(tmp_path):
     from omegaconf import OmegaConf
 
-    limits = jobs.ModelLimits.from_config(OmegaConf.create(BASE_YAML))
+    from scail_win.model_spec import ModelSpec
+
+    limits = jobs.ModelLimits.from_spec(ModelSpec.from_config(OmegaConf.create(BASE_YAML)))
     assert limits == jobs.ModelLimits(max_frames=81, frame_group=4, size_multiple=32, max_height=2400,
                                         max_width=2400)
     dwpose = OmegaConf.create(BASE_YAML.replace("smpl_downsample", "dwpose").replace("num_frames: 81",
                                                                                      "num_frames: 49"))
-    limits = jobs.ModelLimits.from_config(dwpose)
+    limits = jobs.ModelLimits.from_spec(ModelSpec.from_config(dwpose))
     assert (limits.size_multiple, limits.max_frames) == (16, 49)
+
+
+def test_config_without_a_network_dimension_is_a_user_error(tmp_path):
+    base = tmp_path / "no-layers.yaml"
+    base.write_text(BASE_YAML.replace("      num_layers: 2\n", ""), encoding="utf-8")
+    make_example(tmp_path / "ex")
+    assert_user_error(run_cli(["--base", base, "--input-dir", tmp_path / "ex"], tmp_path),
+                      "model.network_config.params.num_layers", str(base))
 
 
 @pytest.mark.scail
@@ -418,4 +445,6 @@ def test_upstream_configs_give_upstream_limits():
 
     config = load_config(paths)
     assert jobs.config_resolution(config) == (512, 896)
-    assert jobs.ModelLimits.from_config(config) == jobs.ModelLimits()
+    from scail_win.model_spec import ModelSpec
+
+    assert jobs.ModelLimits.from_spec(ModelSpec.from_config(config)) == jobs.ModelLimits()
