@@ -28,6 +28,8 @@ from torch import nn
 
 from . import run_config
 from .lazy_init import empty_weights as _empty_weights, skip_init
+from .upstream.patches import CUDA_DEVICE_DEFAULT, SINGLE_PROCESS_ATTENTION
+from .upstream.versions import warn_if_untested
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +63,6 @@ def _model_parallel_size() -> int:
 
 
 @contextlib.contextmanager
-def _patched(module, name: str, value) -> Iterator[None]:
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
-@contextlib.contextmanager
 def cpu_safe_defaults() -> Iterator[None]:
     """Import upstream modules whose default arguments need a GPU, on a machine without one.
 
@@ -84,7 +76,7 @@ def cpu_safe_defaults() -> Iterator[None]:
     if torch.cuda.is_available():
         yield
         return
-    with _patched(torch.cuda, "current_device", lambda: "cpu"):
+    with CUDA_DEVICE_DEFAULT.applied():
         yield
 
 
@@ -140,11 +132,11 @@ def build_dit(network_config, *, dtype_str: str = "bf16", use_i2v_clip: bool = T
         pos_embed.setdefault("params", {})["rope_mode"] = rope_mode
 
     dit_module = importlib.import_module(network_config["target"].rsplit(".", 1)[0])
+    warn_if_untested(dit_module)
     build = _empty_weights() if empty_weights else skip_init()
     swap = contextlib.nullcontext()
-    if _sequence_parallel_size() == 1 and hasattr(dit_module, "UlyessAttentionMixin"):
-        from .attention import make_single_process_mixin_class
-        swap = _patched(dit_module, "UlyessAttentionMixin", make_single_process_mixin_class())
+    if _sequence_parallel_size() == 1 and dit_module.__name__ == SINGLE_PROCESS_ATTENTION.module:
+        swap = SINGLE_PROCESS_ATTENTION.applied()
     with build, swap:
         network = _instantiate(network_config)
     if not empty_weights:

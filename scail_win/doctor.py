@@ -23,6 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from scail_win import host_memory
+from scail_win.hook import find_scail_root as find_scail_root_from, is_scail_tree
+from scail_win.upstream import patches, versions
+from scail_win.upstream.versions import git_head
 from scail_win.weights import detect_layout, human_bytes, verify_weights_dir
 
 GIB = 2**30
@@ -32,7 +35,6 @@ MIN_RAM_GIB = 16  # the weights issue's low-RAM target machine
 DISK_FAIL_GIB, DISK_WARN_GIB = 1, 5
 OPTIONAL = ("triton", "deepspeed", "decord", "flash_attn")
 TORCH_INSTALL = "install CUDA torch from https://pytorch.org/get-started/locally/ (pip --index-url ...whl/cu128)"
-SCAIL_MARKERS = ("dit_video_crossattn_sc_xc.py", "sat", "sgm")
 EXAMPLE_VIDEO = Path("examples") / "001" / "rendered.mp4"
 
 
@@ -62,44 +64,14 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def is_scail_tree(path: Path) -> bool:
-    try:
-        hook = importlib.import_module("scail_win.hook")
-        if callable(getattr(hook, "is_scail_tree", None)):
-            return bool(hook.is_scail_tree(path))
-    except ImportError:
-        pass
-    return all((path / m).exists() for m in SCAIL_MARKERS)
-
-
 def git_commit(root: Path) -> str | None:
     """'<sha12> (<branch>)' of a git clone, read from .git without the git binary."""
-    git = root / ".git"
-    try:
-        if git.is_file():  # worktree or submodule: "gitdir: <path>"
-            target = git.read_text(encoding="utf-8").strip().removeprefix("gitdir:").strip()
-            git = (root / target).resolve()
-        head = (git / "HEAD").read_text(encoding="utf-8").strip()
-    except OSError:
+    head = git_head(root)
+    if head is None:
         return None
-    if not head.startswith("ref:"):
-        return head[:12] or None
-    ref = head[4:].strip()
-    common = git
-    if (git / "commondir").is_file():
-        common = (git / (git / "commondir").read_text(encoding="utf-8").strip()).resolve()
-    branch = ref.removeprefix("refs/heads/")
-    for base in (git, common):
-        with_ref = base / ref
-        if with_ref.is_file():
-            return f"{with_ref.read_text(encoding='utf-8').strip()[:12]} ({branch})"
-    packed = common / "packed-refs"
-    if packed.is_file():
-        for line in packed.read_text(encoding="utf-8").splitlines():
-            sha, _, name = line.partition(" ")
-            if name.strip() == ref:
-                return f"{sha[:12]} ({branch})"
-    return f"unborn branch {branch}"
+    if head.sha is None:
+        return f"unborn branch {head.branch}"
+    return f"{head.sha[:12]} ({head.branch})" if head.branch else head.sha[:12]
 
 
 # --------------------------------------------------------------------------
@@ -245,14 +217,11 @@ def find_scail_root(explicit: str | None) -> tuple[Path | None, str]:
         return Path(explicit), "--scail"
     if os.environ.get("SCAIL_ROOT"):
         return Path(os.environ["SCAIL_ROOT"]), "SCAIL_ROOT"
-    try:
-        hook = importlib.import_module("scail_win.hook")
-        found = hook.find_scail_root(Path.cwd()) if callable(getattr(hook, "find_scail_root", None)) else None
-        if found:
-            return Path(found), "search from the current folder"
-    except Exception:  # the hook's search is a convenience; fall back to the current folder
-        pass
-    return (Path.cwd(), "current folder") if is_scail_tree(Path.cwd()) else (None, "")
+    here = Path.cwd()
+    found = find_scail_root_from(here)
+    if found is None:
+        return None, ""
+    return found, "current folder" if found == here else "search from the current folder"
 
 
 def check_scail(explicit: str | None) -> tuple[Check, Path | None]:
@@ -267,6 +236,31 @@ def check_scail(explicit: str | None) -> tuple[Check, Path | None]:
     commit = git_commit(root)
     detail = f"{root} ({origin})" + (f", git {commit}" if commit else ", not a git clone")
     return Check("scail", "OK", detail), root
+
+
+def check_scail_version(root: Path | None) -> list[Check]:
+    """Whether the checkout is SCAIL code scail-win was tested with (a warning otherwise: it may still run)."""
+    if root is None:
+        return []
+    tree = versions.check_tree(root)
+    if tree.known:
+        return [Check("scail-code", "OK", tree.detail)]
+    return [Check("scail-code", "WARN", f"{tree.detail}: untested",
+                  f"check out SCAIL {versions.TESTED_COMMIT.sha[:12]} (git checkout {versions.TESTED_COMMIT.sha[:7]})")]
+
+
+def check_patches(root: Path | None) -> Check:
+    """Every patch scail-win applies to SCAIL and torch finds its target (SCAIL's read from ``root``)."""
+    found = {name: problem for name, problem in patches.check_targets(root).items()
+             if root is not None or not patches.REGISTRY[name].in_scail_tree}
+    missing = {name: problem for name, problem in found.items() if problem}
+    names = ", ".join(found)
+    if missing:
+        listing = "; ".join(f"{name}: {problem}" for name, problem in missing.items())
+        return Check("patches", "FAIL", f"{len(missing)} of {len(found)} patch targets missing: {listing}",
+                     f"use SCAIL {versions.TESTED_COMMIT.sha[:12]} and a torch scail-win supports")
+    unchecked = "" if root is not None else " (SCAIL's not checked: no checkout)"
+    return Check("patches", "OK", f"{len(found)} targets present{unchecked}: {names}")
 
 
 def find_weights(explicit: str | None, scail_root: Path | None) -> tuple[Path | None, str]:
@@ -394,6 +388,8 @@ def run_checks(weights: str | None = None, scail: str | None = None, output: str
     checks.append(check_hook())
     scail_check, scail_root = check_scail(scail)
     checks.append(scail_check)
+    checks += check_scail_version(scail_root)
+    checks.append(check_patches(scail_root))
     checks += check_weights(weights, scail_root)
     checks += check_video(scail_root)
     checks.append(check_disk(Path(output)))

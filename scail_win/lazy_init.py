@@ -16,36 +16,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-# Initialisers that sat, sgm and torch.nn layers call while building.
-_INIT_FUNCTIONS = (
-    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
-    "eye_", "dirac_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
-    "kaiming_normal_", "orthogonal_", "sparse_",
-)
+from .upstream.patches import META_PARAMETERS, SKIP_INIT, all_applied
 
 
-def _return_tensor(tensor, *args, **kwargs):
-    return tensor
-
-
-@contextlib.contextmanager
-def skip_init() -> Iterator[None]:
-    """Make ``torch.nn.init`` functions no-ops (weights stay uninitialised)."""
-    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
-    saved_reset = nn.Linear.reset_parameters, nn.Conv3d.reset_parameters, nn.Conv2d.reset_parameters
-    try:
-        for name in saved:
-            setattr(nn.init, name, _return_tensor)
-        nn.Linear.reset_parameters = nn.Conv3d.reset_parameters = nn.Conv2d.reset_parameters = _noop
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-        nn.Linear.reset_parameters, nn.Conv3d.reset_parameters, nn.Conv2d.reset_parameters = saved_reset
-
-
-def _noop(self) -> None:
-    return None
+def skip_init() -> contextlib.AbstractContextManager:
+    """Make ``torch.nn.init`` functions and the layers' ``reset_parameters`` no-ops (weights stay uninitialised)."""
+    return all_applied(SKIP_INIT)
 
 
 @contextlib.contextmanager
@@ -56,20 +32,8 @@ def empty_weights() -> Iterator[None]:
     they are kept; parameters are moved to ``meta`` at registration, which
     frees the (never touched) CPU storage immediately.
     """
-    original = nn.Module.register_parameter
-
-    def register_parameter(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            kwargs = {"requires_grad": param.requires_grad}
-            module._parameters[name] = type(param)(param.to("meta"), **kwargs)
-
-    nn.Module.register_parameter = register_parameter
-    try:
-        with skip_init():
-            yield
-    finally:
-        nn.Module.register_parameter = original
+    with META_PARAMETERS.applied(), skip_init():
+        yield
 
 
 def materialize_(module: nn.Module, device: torch.device | str = "cpu",

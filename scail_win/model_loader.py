@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterator
@@ -49,10 +48,6 @@ def require_scail_code() -> None:
                         f"SCAIL checkout, or put the checkout on PYTHONPATH")
 
 
-def _norm(path) -> str:
-    return os.path.normcase(os.path.abspath(os.fspath(path)))
-
-
 @contextlib.contextmanager
 def component_weights(files: Dict[str, Path]) -> Iterator[None]:
     """While building T5/CLIP/VAE: their ``torch.load(path)`` reads ``files[path]``.
@@ -66,43 +61,15 @@ def component_weights(files: Dict[str, Path]) -> Iterator[None]:
     Parameters are created in bf16 so a 5.7 B-parameter T5 is never laid out
     in fp32 first.
     """
-    from . import weights
+    from .upstream.patches import ASSIGNING_LOAD_STATE_DICT, MAPPED_TORCH_LOAD
 
-    mapping = {_norm(k): Path(v) for k, v in files.items()}
-    original_load = torch.load
-    original_lsd = nn.Module.load_state_dict
     original_dtype = torch.get_default_dtype()
-
-    def load(f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and _norm(f) in mapping:
-            # The reader opens .pt files with torch.load itself: give it the real one.
-            torch.load = original_load
-            try:
-                with weights.open_state_dict(mapping[_norm(f)]) as source:
-                    return {name: source[name] for name in source}
-            finally:
-                torch.load = load
-        return original_load(f, *args, **kwargs)
-
-    def load_state_dict(module, state_dict, strict=True, assign=False):
-        current = module.state_dict(keep_vars=True)
-        cast = {}
-        for name, tensor in state_dict.items():
-            own = current.get(name)
-            if own is not None and tensor.is_floating_point() and tensor.dtype != own.dtype:
-                tensor = tensor.to(own.dtype)
-            cast[name] = tensor
-        return original_lsd(module, cast, strict=strict, assign=True)
-
-    torch.load = load
-    nn.Module.load_state_dict = load_state_dict
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        yield
-    finally:
-        torch.load = original_load
-        nn.Module.load_state_dict = original_lsd
-        torch.set_default_dtype(original_dtype)
+    with MAPPED_TORCH_LOAD.applied(files), ASSIGNING_LOAD_STATE_DICT.applied():
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(original_dtype)
 
 
 def _component_files(model_config, layout) -> Dict[str, Path]:

@@ -121,7 +121,6 @@ def test_weights_folder_is_found_as_sample_finds_it(tmp_path, monkeypatch):
 
 def test_scail_tree_and_git_commit(tmp_path, monkeypatch):
     monkeypatch.delenv("SCAIL_ROOT", raising=False)
-    monkeypatch.setitem(sys.modules, "scail_win.hook", None)
     tree = _scail_tree(tmp_path / "SCAIL é", with_example=False)
     check, root = doctor.check_scail(str(tree))
     assert check.status == "OK" and root == tree and "not a git clone" in check.detail
@@ -187,7 +186,6 @@ def test_hook_status_rendering(monkeypatch):
 
     fake.status = broken
     assert "boom" in doctor.check_hook().detail
-    monkeypatch.setitem(sys.modules, "scail_win.hook", None)
     assert doctor.check_hook().status == "WARN"
 
 

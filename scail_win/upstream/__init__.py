@@ -1,0 +1,2 @@
+"""Where scail-win meets upstream code: the patches it applies (:mod:`.patches`)
+and the SCAIL commits and sat versions it knows (:mod:`.versions`)."""
