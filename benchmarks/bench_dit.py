@@ -299,6 +299,7 @@ def stage_resident(args, cfg, res):
 
 def stage_swap(args, cfg, res, ours):
     from scail_win import memory, offload
+    from scail_win.hook_registry import HookRegistry
     from scail_win.lean_layer import install_lean_layers
     from scail_win.model_loader import _SplitCFG, place_dit
 
@@ -339,7 +340,7 @@ def stage_swap(args, cfg, res, ours):
         if placement.swap is None:
             ours.to(dev)
         if plan.cfg_split:
-            step.network.forward = _SplitCFG(step.network)
+            HookRegistry.of(step.network).add(_SplitCFG())
         try:
             sec, peaks, out = timed(lambda: step.cfg(x, s, c, uc), args.repeats)
             err = rel_err(out.cpu(), ref)
@@ -350,7 +351,7 @@ def stage_swap(args, cfg, res, ours):
         if placement.swap is not None:
             placement.swap.release_all()
         hm = host_memory()
-        step.network.__dict__.pop("forward", None)
+        HookRegistry.of(step.network).remove_all()
         placement.undo()
         if placement.swap is None:
             ours.to("cpu")

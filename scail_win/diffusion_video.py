@@ -290,6 +290,22 @@ class SATVideoDiffusionEngine(nn.Module):
         if compute_device is not None:
             self.compute_device = torch.device(compute_device)
 
+    def installed_hooks(self) -> Dict[str, list]:
+        """Installed hook names (innermost first) of each part that has any: network, DiT, text encoder."""
+        from .hook_registry import HookRegistry
+
+        parts = {"network": self.model, "dit": getattr(self.model, "diffusion_model", None)}
+        conditioner = self._lazy.get("conditioner")
+        embedders = getattr(conditioner, "embedders", None) or []
+        if len(embedders):
+            parts["text encoder"] = getattr(embedders[0], "model", None)
+        out = {}
+        for part, module in parts.items():
+            registry = HookRegistry.find(module) if module is not None else None
+            if registry is not None and registry.names():
+                out[part] = registry.names()
+        return out
+
     def _text_encoder(self):
         embedders = getattr(self.conditioner, "embedders", [])
         return embedders[0] if len(embedders) else None
@@ -332,18 +348,17 @@ class SATVideoDiffusionEngine(nn.Module):
             raise KeyError(name)
 
     def _swap_text_encoder(self, emb, device: torch.device) -> None:
-        """Attach (GPU) or detach (CPU) a block swap over T5's blocks."""
+        """Attach (GPU) or detach (CPU) a block swap over T5's blocks, ``block_swap`` in T5's hook registry."""
         from . import offload
+        from .hook_registry import HookRegistry
 
-        swap = getattr(self, "_text_swap", None)
-        if device.type == "cuda" and swap is None:
-            t5 = emb.model
-            self._text_swap = offload.BlockSwap(t5, offload.groups_from_modulelists(t5, ["blocks"]), device,
-                                                resident_groups=0, mode="stream")
-            self._text_swap.attach()
-        elif device.type == "cpu" and swap is not None:
-            swap.detach()
-            self._text_swap = None
+        t5 = emb.model
+        hooks = HookRegistry.of(t5)
+        if device.type == "cuda" and "block_swap" not in hooks:
+            offload.BlockSwap(t5, offload.groups_from_modulelists(t5, ["blocks"]), device,
+                              resident_groups=0, mode="stream").attach()
+        elif device.type == "cpu" and "block_swap" in hooks:
+            hooks.remove("block_swap")
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[torch.device]:

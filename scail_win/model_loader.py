@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .hook_registry import FORWARD, HookRegistry
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +179,26 @@ def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: 
 
 
 class _SplitCFG:
-    """Run the network on each half of a CFG batch in turn (same math, half the activations)."""
+    """Run the network on each half of a CFG batch in turn (same math, half the activations).
 
-    def __init__(self, wrapper: nn.Module):
-        self.wrapper = wrapper
-        self.original = type(wrapper).forward.__get__(wrapper)
+    ``split_cfg`` on the network wrapper's forward, in its :class:`HookRegistry`.
+    """
+
+    name = "split_cfg"
+    slot = FORWARD
+
+    def __init__(self):
+        self.original = None
+
+    def on_add(self, wrapper) -> None:
+        pass
+
+    def on_remove(self, wrapper) -> None:
+        pass
+
+    def wrap(self, inner):
+        self.original = inner
+        return self
 
     def __call__(self, x, t, c, **kwargs):
         batch = x.shape[0]
@@ -201,42 +217,45 @@ class _SplitCFG:
 
 
 class DiTPlacement:
-    """What :func:`place_dit` attached to a DiT; :meth:`undo` takes it off again."""
+    """What :func:`place_dit` put in a DiT's hook registry; :meth:`undo` takes it off again."""
 
-    def __init__(self, lean=None, swap=None):
-        self.lean = lean
-        self.swap = swap
+    NAMES = ("lean_layers", "block_swap")
+
+    def __init__(self, dit: nn.Module):
+        self.hooks = HookRegistry.of(dit)
+
+    @property
+    def lean(self):
+        return self.hooks.get("lean_layers")
+
+    @property
+    def swap(self):
+        return self.hooks.get("block_swap")
 
     def undo(self) -> None:
-        # The swap wraps the lean layer_forward, so it comes off first.
-        if self.swap is not None:
-            self.swap.detach()
-            self.swap = None
-        if self.lean is not None:
-            self.lean.remove()
-            self.lean = None
+        for name in self.NAMES:
+            if name in self.hooks:
+                self.hooks.remove(name)
 
 
 def place_dit(dit: nn.Module, plan, device: torch.device, weight_source=None) -> DiTPlacement:
     """Lean layers and the block swap on ``dit`` as ``plan`` asks (nothing when it fits as is)."""
     from . import offload
 
-    placement = DiTPlacement()
+    placement = DiTPlacement(dit)
     if plan is None:
         return placement
     from .lean_layer import install_lean_layers
     try:
-        placement.lean = install_lean_layers(dit, plan.layer_chunk_tokens)
+        install_lean_layers(dit, plan.layer_chunk_tokens)
     except ValueError as exc:
         log.warning("lean layers unavailable for this model (%s); memory use will exceed the plan", exc)
     if plan.offload_mode != "none" and plan.blocks_on_gpu < plan.num_layers:
         kwargs = {}
         if weight_source is not None:
             kwargs = dict(source=weight_source, materialize=weight_source.materialize)
-        placement.swap = offload.BlockSwap(dit, offload.scail_layer_groups(dit), device,
-                                           resident_groups=plan.blocks_on_gpu, mode=plan.offload_mode,
-                                           prefetch=plan.prefetch, **kwargs)
-        placement.swap.attach()
+        offload.BlockSwap(dit, offload.scail_layer_groups(dit), device, resident_groups=plan.blocks_on_gpu,
+                          mode=plan.offload_mode, prefetch=plan.prefetch, **kwargs).attach()
     return placement
 
 
@@ -255,7 +274,7 @@ def apply_memory_plan(engine, plan, device: torch.device, weight_source=None) ->
     if placement.swap is None and (plan is None or "denoise" in plan.resident_phases):
         engine.model.to(device)
     if plan is not None and plan.cfg_split:
-        engine.model.forward = _SplitCFG(engine.model)
+        HookRegistry.of(engine.model).add(_SplitCFG())
     if plan is not None:
         for line in plan.describe().splitlines():
             log.info("%s", line)
@@ -321,11 +340,13 @@ def build(args, model_cls=None):
     if loras is not None:
         loras.apply(dit, device=device, swap=placement.swap)
     install_step_cache(engine, args, plan, placement, device)
+    log.info("hooks: %s", "; ".join(f"{part}: {', '.join(names)}" for part, names in engine.installed_hooks().items())
+             or "none")
     return engine
 
 
 def install_step_cache(engine, args, plan, placement: DiTPlacement, device: torch.device) -> None:
-    """``--step-cache``: the first-block cache, outermost on the DiT's layer hook (after the placement).
+    """``--step-cache``: the first-block cache, outermost on the DiT's layer hook (its registry rank).
 
     Its two activation-sized tensors per CFG half go to pinned RAM when the
     plan already had to offload (an 8 GB card has no room for them).
