@@ -13,10 +13,11 @@ from scail_win.hook_registry import RANKS, HookRegistry
 from scail_win.model_loader import _SplitCFG, place_dit
 from scail_win.offload import BlockSwap, scail_layer_groups
 from scail_win.step_cache import install_step_cache
-from test_lean_layer import fp32_dit, install_lean_layers, make_inputs, run, scail  # noqa: F401 (fixtures)
+from test_lean_layer import fp32_dit, install_lean_layers, make_inputs, run, scail
 from test_memory import Wrapper
 from test_offload import Doubled, halve, inputs, make_sat, snapshot
 
+__all__ = ["fp32_dit", "scail"]  # test_lean_layer's fixtures, used here
 STEPS = 3
 DIT_HOOKS = ("block_swap", "step_cache", "fp8_linears")
 
@@ -232,7 +233,7 @@ def test_placement_undo_leaves_later_hooks_on():
 @pytest.mark.scail
 @pytest.mark.parametrize("order", [("lean_layers", "block_swap", "step_cache"),
                                    ("step_cache", "block_swap", "lean_layers")])
-def test_lean_layers_stay_innermost_on_the_dit(fp32_dit, order):  # noqa: F811 (fixture)
+def test_lean_layers_stay_innermost_on_the_dit(fp32_dit, order):
     from scail_win import offload
 
     inputs_ = make_inputs("fp32", 1)
