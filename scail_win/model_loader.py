@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import UserError
 from .hook_registry import FORWARD, HookRegistry
+from .phases import Phase
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ def apply_memory_plan(engine, plan, device: torch.device, weight_source=None) ->
     engine._block_swap = placement.swap
     # A DiT that must leave the GPU for the other phases comes in with its
     # own phase; one that stays moves now.
-    if placement.swap is None and (plan is None or "denoise" in plan.resident_phases):
+    if placement.swap is None and (plan is None or Phase.DENOISE in plan.resident_phases):
         engine.model.to(device)
     if plan is not None and plan.cfg_split:
         HookRegistry.of(engine.model).add(_SplitCFG())
@@ -370,7 +371,7 @@ def dit_load_device(plan, device: torch.device):
     where bf16 tensors stay file-backed until a phase or the block swap
     takes them.
     """
-    if device.type == "cuda" and (plan is None or "denoise" in plan.resident_phases):
+    if device.type == "cuda" and (plan is None or Phase.DENOISE in plan.resident_phases):
         return device
     return "cpu"
 
