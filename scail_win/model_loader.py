@@ -9,7 +9,9 @@ Order of work, and why:
    safetensors) is memory-mapped into it: no random initialisation and no
    second copy in RAM; fp8 layers that will be swapped stay fp8 in the file
    and are upcast on the GPU per layer;
-3. the block swap, chunked FFN and split CFG are attached as the plan asks;
+3. lean layers, the block swap and split CFG are installed as the plan asks,
+   each a named hook in its module's :class:`~scail_win.hook_registry.HookRegistry`
+   (the step cache and fp8 linears too), which keeps their order and undoes any one;
 4. T5, CLIP and the VAE are built later, on first use, through
    :func:`component_weights`, which reads their files safely and
    memory-mapped whatever layout the weights folder has.
