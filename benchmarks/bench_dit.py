@@ -306,6 +306,7 @@ def stage_resident(args, cfg, res):
 
 def stage_swap(args, cfg, res, ours):
     from scail_win import memory, offload
+    from scail_win.hook_registry import HookRegistry
     from scail_win.lean_layer import install_lean_layers
     from scail_win.model_loader import _SplitCFG, place_dit
 
@@ -346,7 +347,7 @@ def stage_swap(args, cfg, res, ours):
         if placement.swap is None:
             ours.to(dev)
         if plan.cfg_split:
-            step.network.forward = _SplitCFG(step.network)
+            HookRegistry.of(step.network).add(_SplitCFG())
         try:
             sec, peaks, out = timed(lambda: step.cfg(x, s, c, uc), args.repeats)
             err = rel_err(out.cpu(), ref)
@@ -357,7 +358,7 @@ def stage_swap(args, cfg, res, ours):
         if placement.swap is not None:
             placement.swap.release_all()
         hm = host_memory()
-        step.network.__dict__.pop("forward", None)
+        HookRegistry.of(step.network).remove_all()
         placement.undo()
         if placement.swap is None:
             ours.to("cpu")
@@ -438,6 +439,7 @@ def stage_phases(args, cfg, res):
     """T5, CLIP and VAE at the 8 GiB plan (random weights, full architectures)."""
     from scail_win import memory, offload, vae_tiling
     from scail_win.lazy_init import empty_weights
+    from scail_win.phases import Phase
 
     dev = torch.device("cuda", 0)
     total = torch.cuda.get_device_properties(dev).total_memory
@@ -478,7 +480,7 @@ def stage_phases(args, cfg, res):
     mask = torch.ones(1, TEXT_LEN, dtype=torch.long, device=dev)
     swap = offload.BlockSwap(t5, offload.groups_from_modulelists(t5, ["blocks"]), dev, mode="stream")
     swap.attach()
-    measure(f"text (umT5, {plan.t5_placement})", lambda m=t5: m(ids, mask))
+    measure(f"{Phase.TEXT} (umT5, {plan.t5_placement})", lambda m=t5: m(ids, mask))
     swap.detach()
     del t5, swap
 
@@ -493,7 +495,7 @@ def stage_phases(args, cfg, res):
         with torch.autocast("cuda", dtype=torch.float16):  # as CLIPModel.visual runs it
             return m.visual(image, use_31_block=True)
 
-    measure("clip", clip_visual)
+    measure(str(Phase.CLIP), clip_visual)
     del clip, clip_visual  # the function's default argument holds the weights too
 
     # Wan VAE: encode the 81-frame i2v clip and decode 21 latent frames, tiled per the plan.
@@ -521,13 +523,13 @@ def stage_phases(args, cfg, res):
     wrapped = Vae()
     h, w = args.size
     video = torch.zeros(1, 3, args.frames, h, w, device=dev, dtype=torch.bfloat16)
-    enc = plan.vae_tile_kwargs_for("encode")
-    dec = plan.vae_tile_kwargs_for("decode")
-    measure(f"vae encode {enc.get('tile_px', 'untiled')}",
+    enc = plan.vae_tile_kwargs_for(Phase.VAE_ENCODE.vae_op)
+    dec = plan.vae_tile_kwargs_for(Phase.VAE_DECODE.vae_op)
+    measure(f"{Phase.VAE_ENCODE} {enc.get('tile_px', 'untiled')}",
             lambda v=video: vae_tiling.tiled_encode(wrapped, v, **enc) if enc else wrapped.encode(v))
     del video
     z = torch.randn(1, 16, (args.frames - 1) // 4 + 1, h // 8, w // 8, device=dev, dtype=torch.bfloat16)
-    measure(f"vae decode {dec.get('tile_latent', 'untiled')}",
+    measure(f"{Phase.VAE_DECODE} {dec.get('tile_latent', 'untiled')}",
             lambda: vae_tiling.tiled_decode(wrapped, z, **dec) if dec else wrapped.decode(z))
     res["phases_plan"] = plan.describe()
     table(f"Other phases at the {card:g} GiB plan (process capped to {card:g} GiB)",

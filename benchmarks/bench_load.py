@@ -73,6 +73,7 @@ sys.path.insert(0, str(REPO))
 
 from scail_win import weights as W  # noqa: E402
 from scail_win.convert import convert_checkpoint  # noqa: E402
+from scail_win.hook_registry import HookRegistry  # noqa: E402
 
 GIB = 2**30
 SAT_REL = Path("sat") / "model" / "1" / "mp_rank_00_model_states.pt"
@@ -337,7 +338,7 @@ def _first_step(args, model, dit: nn.Module, device: torch.device, split_cfg) ->
 
     step = bd.Step(model.cfg, dit)
     if split_cfg is not None:
-        step.network.forward = split_cfg(step.network)
+        HookRegistry.of(step.network).add(split_cfg())
     h, w, f = args.first_step
     x, sigma, cond, uncond, _ = bd.latent_inputs((h, w), f, device)
     with torch.no_grad():

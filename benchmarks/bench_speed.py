@@ -210,7 +210,9 @@ class Placement:
         self.describe = plan.describe().splitlines()[0] if plan is not None else "no plan"
 
     def undo(self):
-        self.engine.model.__dict__.pop("forward", None)
+        from scail_win.hook_registry import HookRegistry
+
+        HookRegistry.of(self.engine.model).remove_all()
         self.placement.undo()
         if self.device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, self.device)

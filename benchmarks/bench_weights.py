@@ -116,6 +116,7 @@ def stage_fp8(args, cfg, res, dit, inputs):
 def stage_files(args, cfg, res, dit, inputs):
     from scail_win import fp8_linear, memory, offload, weights
     from scail_win.diffusion_video import build_dit
+    from scail_win.hook_registry import HookRegistry
     from scail_win.model_loader import _SplitCFG, largest_group_gpu_bytes, place_dit
 
     dev = torch.device("cuda", 0)
@@ -172,7 +173,7 @@ def stage_files(args, cfg, res, dit, inputs):
             placement = place_dit(model, plan, dev, cw)
             swap = placement.swap
             if plan.cfg_split:
-                step.network.forward = _SplitCFG(step.network)
+                HookRegistry.of(step.network).add(_SplitCFG())
         ready = time.perf_counter() - t0
         status = "ok"
         try:

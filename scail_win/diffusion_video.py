@@ -30,6 +30,7 @@ from . import run_config
 from .lazy_init import empty_weights as _empty_weights, skip_init
 from .upstream.patches import CUDA_DEVICE_DEFAULT, SINGLE_PROCESS_ATTENTION
 from .upstream.versions import warn_if_untested
+from .phases import Phase
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class SATVideoDiffusionEngine(nn.Module):
         self.compute_device = self.device
         self.memory_plan = None
         self._block_swap = None
-        self.current_phase: Optional[str] = None
+        self.current_phase: Optional[Phase] = None
 
         with _global_rng_untouched():
             network = build_dit(model_config["network_config"], dtype_str=self.dtype_str,
@@ -283,12 +284,28 @@ class SATVideoDiffusionEngine(nn.Module):
         if compute_device is not None:
             self.compute_device = torch.device(compute_device)
 
+    def installed_hooks(self) -> Dict[str, list]:
+        """Installed hook names (innermost first) of each part that has any: network, DiT, text encoder."""
+        from .hook_registry import HookRegistry
+
+        parts = {"network": self.model, "dit": getattr(self.model, "diffusion_model", None)}
+        conditioner = self._lazy.get("conditioner")
+        embedders = getattr(conditioner, "embedders", None) or []
+        if len(embedders):
+            parts["text encoder"] = getattr(embedders[0], "model", None)
+        out = {}
+        for part, module in parts.items():
+            registry = HookRegistry.find(module) if module is not None else None
+            if registry is not None and registry.names():
+                out[part] = registry.names()
+        return out
+
     def _text_encoder(self):
         embedders = getattr(self.conditioner, "embedders", [])
         return embedders[0] if len(embedders) else None
 
-    def _move_component(self, name: str, device: torch.device) -> None:
-        if name == "text":
+    def _move_component(self, phase: Phase, device: torch.device) -> None:
+        if phase is Phase.TEXT:
             emb = self._text_encoder()
             if emb is None:
                 return
@@ -300,13 +317,13 @@ class SATVideoDiffusionEngine(nn.Module):
                 emb.to(target)
             if hasattr(emb, "device"):
                 emb.device = target
-        elif name == "clip":
+        elif phase is Phase.CLIP:
             clip = self.i2v_clip
             if clip is None:
                 return
             clip.model.to(device)
             clip.device = device
-        elif name == "vae":
+        elif phase in (Phase.VAE_ENCODE, Phase.VAE_DECODE):
             vae = self.first_stage_model
             if isinstance(vae, nn.Module):
                 vae.to(device)
@@ -315,53 +332,51 @@ class SATVideoDiffusionEngine(nn.Module):
             vae.mean, vae.std = vae.mean.to(device), vae.std.to(device)
             vae.scale = [vae.mean, 1.0 / vae.std]
             vae.device = device
-        elif name == "denoise":
+        else:
             if self._block_swap is not None:
                 if device.type == "cpu":
                     self._block_swap.release_all()
                 return
             self.model.to(device)
-        else:
-            raise KeyError(name)
 
     def _swap_text_encoder(self, emb, device: torch.device) -> None:
-        """Attach (GPU) or detach (CPU) a block swap over T5's blocks."""
+        """Attach (GPU) or detach (CPU) a block swap over T5's blocks, ``block_swap`` in T5's hook registry."""
         from . import offload
+        from .hook_registry import HookRegistry
 
-        swap = getattr(self, "_text_swap", None)
-        if device.type == "cuda" and swap is None:
-            t5 = emb.model
-            self._text_swap = offload.BlockSwap(t5, offload.groups_from_modulelists(t5, ["blocks"]), device,
-                                                resident_groups=0, mode="stream")
-            self._text_swap.attach()
-        elif device.type == "cpu" and swap is not None:
-            swap.detach()
-            self._text_swap = None
+        t5 = emb.model
+        hooks = HookRegistry.of(t5)
+        if device.type == "cuda" and "block_swap" not in hooks:
+            offload.BlockSwap(t5, offload.groups_from_modulelists(t5, ["blocks"]), device,
+                              resident_groups=0, mode="stream").attach()
+        elif device.type == "cpu" and "block_swap" in hooks:
+            hooks.remove("block_swap")
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[torch.device]:
-        """Run one phase (``text``, ``clip``, ``vae``, ``denoise``) on the compute device.
+    def phase(self, name: Phase) -> Iterator[torch.device]:
+        """Run one :class:`~scail_win.phases.Phase` on the compute device (ValueError for another name).
 
         The component comes to the compute device for the phase and goes
         back to the CPU after it, unless the plan keeps it resident (the DiT
         on a card that holds it); GPU memory is collected at every boundary.
         """
+        phase = Phase(name)
         device = self.compute_device
         if device.type == "cpu":
             keep = True
         elif self.memory_plan is None:
             # No plan (--offload none): upstream's placement, DiT and VAE stay.
-            keep = name in ("denoise", "vae")
+            keep = phase in (Phase.DENOISE, Phase.VAE_ENCODE, Phase.VAE_DECODE)
         else:
-            keep = name in self.memory_plan.resident_phases
-        self.current_phase = name  # named in an out-of-memory message
-        self._move_component(name, device)
+            keep = phase in self.memory_plan.resident_phases
+        self.current_phase = phase  # named in an out-of-memory message
+        self._move_component(phase, device)
         try:
             yield device
             self.current_phase = None
         finally:
             if not keep:
-                self._move_component(name, torch.device("cpu"))
+                self._move_component(phase, torch.device("cpu"))
             if device.type == "cuda":
                 # sat's modules hold reference cycles: only the collector
                 # frees their GPU memory. (On the CPU a collection frees
@@ -371,23 +386,24 @@ class SATVideoDiffusionEngine(nn.Module):
 
     # -- first stage ------------------------------------------------------------
 
-    def _vae_call(self, fn_name: str, x: torch.Tensor) -> torch.Tensor:
+    def _vae_call(self, phase: Phase, x: torch.Tensor) -> torch.Tensor:
         from . import vae_tiling
         vae = self.first_stage_model
         if x.device.type == "cpu" and isinstance(getattr(vae, "dtype", None), torch.dtype):
             # WanVAE autocasts on CUDA only; on the CPU the input must already be in its dtype.
             x = x.to(vae.dtype)
+        op = phase.vae_op
         plan = self.memory_plan
-        kwargs = plan.vae_tile_kwargs_for(fn_name) if plan is not None else {}
+        kwargs = plan.vae_tile_kwargs_for(op) if plan is not None else {}
         if kwargs:
-            return getattr(vae_tiling, f"tiled_{fn_name}")(vae, x, **kwargs)
-        return getattr(vae, fn_name)(x)
+            return getattr(vae_tiling, f"tiled_{op}")(vae, x, **kwargs)
+        return getattr(vae, op)(x)
 
     @torch.no_grad()
     def decode_first_stage(self, z):
         z = 1.0 / self.scale_factor * z
         n_samples = self.en_and_decode_n_samples_a_time or z.shape[0]
-        outs = [self._vae_call("decode", z[i:i + n_samples]) for i in range(0, z.shape[0], n_samples)]
+        outs = [self._vae_call(Phase.VAE_DECODE, z[i:i + n_samples]) for i in range(0, z.shape[0], n_samples)]
         return torch.cat(outs, dim=0)
 
     @torch.no_grad()
@@ -395,7 +411,7 @@ class SATVideoDiffusionEngine(nn.Module):
         if not force_encode and self.latent_input:
             return x * self.scale_factor
         n_samples = self.en_and_decode_n_samples_a_time or x.shape[0]
-        outs = [self._vae_call("encode", x[i:i + n_samples]) for i in range(0, x.shape[0], n_samples)]
+        outs = [self._vae_call(Phase.VAE_ENCODE, x[i:i + n_samples]) for i in range(0, x.shape[0], n_samples)]
         z = self.scale_factor * torch.cat(outs, dim=0)
         if _model_parallel_size() > 1 or _sequence_parallel_size() > 1:
             from sat import mpu
@@ -488,7 +504,7 @@ class SATVideoDiffusionEngine(nn.Module):
         if solver_state:
             solver.load_state_dict(solver_state)
         cache = getattr(self, "step_cache", None)
-        with self.phase("denoise"):
+        with self.phase(Phase.DENOISE):
             for i in range(start_step, n):
                 if cache is not None:
                     cache.begin_step(i, n)

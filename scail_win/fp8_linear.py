@@ -179,17 +179,34 @@ def plan_fp8_matmul(model: nn.Module, device, enabled: bool, weights_fp8: bool) 
 
 
 class Fp8Linears:
-    """The installed forwards; :meth:`remove` restores the modules' own."""
+    """The linears' fp8 forwards (``fp8_linears`` in the model's :class:`HookRegistry`); :meth:`remove` restores theirs."""
 
-    def __init__(self, modules: Iterable[nn.Module], use_scaled_mm: bool):
+    name = "fp8_linears"
+    slot = None  # each linear's own forward, not the model's
+
+    def __init__(self, model: nn.Module, modules: Iterable[nn.Module], use_scaled_mm: bool):
+        from .hook_registry import HookRegistry
+
+        self.model = model
         self.use_scaled_mm = use_scaled_mm
         self._fallback_logged = False
-        self.modules = []
-        for module in modules:
+        self.modules = list(modules)
+        self.installed = False
+        for module in self.modules:
             if "forward" in module.__dict__:
                 raise ValueError(f"{type(module).__name__} already has an instance forward; remove that first")
+        HookRegistry.of(model).add(self)
+
+    def on_add(self, model) -> None:
+        for module in self.modules:
             module.forward = self._forward_for(module)
-            self.modules.append(module)
+        self.installed = True
+
+    def on_remove(self, model) -> None:
+        for module in self.modules:
+            module.__dict__.pop("forward", None)
+        self.modules.clear()
+        self.installed = False
 
     def _forward_for(self, module: nn.Module):
         original = type(module).forward.__get__(module)
@@ -235,9 +252,10 @@ class Fp8Linears:
             module._parameters["weight"] = weight
 
     def remove(self) -> None:
-        for module in self.modules:
-            module.__dict__.pop("forward", None)
-        self.modules.clear()
+        from .hook_registry import HookRegistry
+
+        if self.installed:
+            HookRegistry.of(self.model).remove(self.name)
 
 
 def install_fp8_linears(model: nn.Module, names: Iterable[str], device=None) -> Fp8Linears:
@@ -253,4 +271,4 @@ def install_fp8_linears(model: nn.Module, names: Iterable[str], device=None) -> 
         raise ValueError(f"no linear owns {missing[0]}")
     modules = [owners[name] for name in sorted(wanted)]
     use = device is not None and fp8_matmul_support(device) is None
-    return Fp8Linears(modules, use)
+    return Fp8Linears(model, modules, use)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Optional
 
-from .layer_hooks import replace_layer_forward
+from .hook_registry import LAYER_FORWARD, HookRegistry
 
 if TYPE_CHECKING:
     from torch import nn
@@ -191,17 +191,15 @@ def _gated_add_(rows, gate, update, fused):
 
 
 def _find_adaln_mixin(dit):
-    """The mixin whose bound ``layer_forward`` is the model's hook, or ValueError."""
+    """The mixin whose bound ``layer_forward`` is the model's own hook (under any others), or ValueError."""
     hooks = getattr(dit, "hooks", None)
     mixins = getattr(dit, "mixins", None)
     if not isinstance(hooks, dict) or mixins is None or not hasattr(dit, "transformer"):
         raise ValueError(f"{type(dit).__name__} is not a sat model (no hooks/mixins/transformer)")
-    hook = hooks.get("layer_forward")
+    hook = HookRegistry.of(dit).original(LAYER_FORWARD)
     owner = getattr(hook, "__self__", None)
     if owner is None or getattr(hook, "__name__", None) != "layer_forward" or not hasattr(owner, "adaLN_modulations"):
-        raise ValueError(
-            f"lean layers replace the AdaLN mixin's layer_forward hook, but the model's hook is {hook!r}; "
-            "install lean layers before attaching a BlockSwap or anything else that wraps it")
+        raise ValueError(f"lean layers replace the AdaLN mixin's layer_forward hook, but the model's hook is {hook!r}")
     if not any(m is owner for m in mixins.values()):
         raise ValueError("the layer_forward hook belongs to a mixin this model does not hold")
     return owner
@@ -240,11 +238,14 @@ def _check_config(dit, mixin) -> None:
 
 
 class LeanLayers:
-    """The installed lean ``layer_forward`` hook; :meth:`remove` restores upstream's.
+    """The lean ``layer_forward`` hook (``lean_layers`` in the DiT's :class:`HookRegistry`).
 
     ``chunk_tokens`` (tokens per sample in each chunk, None for all at once)
-    may be changed while installed.
+    may be changed while installed; :meth:`remove` restores upstream's layer.
     """
+
+    name = "lean_layers"
+    slot = LAYER_FORWARD
 
     def __init__(self, dit: nn.Module, chunk_tokens: Optional[int]):
         mixin = _find_adaln_mixin(dit)
@@ -254,19 +255,11 @@ class LeanLayers:
         self.dit = dit
         self.mixin = mixin
         self.transformer = dit.transformer
-        self._original = dit.hooks["layer_forward"]
+        self._original = None
         self._fallback_logged = False
-        # scail-win's fused RoPE can rotate q and k in their own storage;
-        # upstream's RoPE mixin always makes rotated copies.
         self._rope_restore = []
-        for m in dit.mixins.values():
-            if hasattr(m, "rope_inplace"):
-                self._rope_restore.append((m, m.rope_inplace))
-                m.rope_inplace = True
-        if not self._rope_restore:
-            log.info("lean layers: the RoPE mixin rotates out of place (two extra q/k-sized tensors)")
-        self.installed = True
-        self._set_hook(self._original, self)
+        self.installed = False
+        HookRegistry.of(dit).add(self)
 
     @property
     def chunk_tokens(self) -> Optional[int]:
@@ -277,21 +270,31 @@ class LeanLayers:
         _check_chunk(value)
         self._chunk_tokens = value
 
-    def _set_hook(self, expected, new) -> None:
-        replace_layer_forward(self.dit, expected, new)
+    def on_add(self, dit) -> None:
+        # scail-win's fused RoPE can rotate q and k in their own storage;
+        # upstream's RoPE mixin always makes rotated copies.
+        for m in dit.mixins.values():
+            if hasattr(m, "rope_inplace"):
+                self._rope_restore.append((m, m.rope_inplace))
+                m.rope_inplace = True
+        if not self._rope_restore:
+            log.info("lean layers: the RoPE mixin rotates out of place (two extra q/k-sized tensors)")
+        self.installed = True
 
-    def remove(self) -> None:
-        """Put upstream's layer_forward back (detach a BlockSwap attached afterwards first)."""
-        if not self.installed:
-            return
-        if self.dit.hooks.get("layer_forward") is not self:
-            raise RuntimeError("the layer_forward hook has been wrapped since lean layers were installed "
-                               "(a BlockSwap?); detach that first")
-        self._set_hook(self, self._original)
+    def wrap(self, inner):
+        self._original = inner
+        return self
+
+    def on_remove(self, dit) -> None:
         for m, value in self._rope_restore:
             m.rope_inplace = value
         self._rope_restore.clear()
         self.installed = False
+
+    def remove(self) -> None:
+        """Put upstream's layer_forward back (whatever else is installed stays)."""
+        if self.installed:
+            HookRegistry.of(self.dit).remove(self.name)
 
     # ------------------------------------------------------------------ the hook
 
@@ -462,10 +465,10 @@ def install_lean_layers(dit: nn.Module, chunk_tokens: Optional[int]) -> LeanLaye
     """Run ``dit``'s layers with :class:`LeanLayers` (``chunk_tokens`` tokens per chunk).
 
     ``dit`` is SCAIL's ``DiffusionTransformer`` (a sat model whose
-    ``layer_forward`` hook is the AdaLN mixin's).  Install before a
-    :class:`scail_win.offload.BlockSwap` attaches: the swap wraps whatever
-    ``layer_forward`` it finds.  Raises ValueError for a DiT this forward
-    does not reproduce (keep upstream's layer then).  sat rebuilds its hooks
-    when a mixin is added or removed, which drops lean layers.
+    ``layer_forward`` hook is the AdaLN mixin's), before or after a block
+    swap or step cache: the hook registry keeps lean layers innermost.
+    Raises ValueError for a DiT this forward does not reproduce (keep
+    upstream's layer then).  sat rebuilds its hooks when a mixin is added or
+    removed, which drops lean layers.
     """
     return LeanLayers(dit, chunk_tokens)

@@ -28,8 +28,8 @@ from its buffers, checked against measured peaks), times ``ACT_SAFETY``,
 plus attention's log-sum-exp and the PyTorch RoPE path's working set.
 T5/CLIP costs come from measured peaks (see ``scail_specs``).
 
-Phase names follow the engine's: ``text``, ``clip``, ``vae_encode``,
-``denoise``, ``vae_decode``.
+Phases are :class:`scail_win.phases.Phase` (``text``, ``clip``,
+``vae_encode``, ``denoise``, ``vae_decode``), the engine's names too.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from scail_win.errors import UserError
 from scail_win.model_spec import ModelSpec
 from scail_win.vae_tiling import WAN_SPATIAL_FACTOR
+from scail_win.phases import Phase
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,8 @@ class MemoryPlan:
     clip_placement: str  # 'gpu' | 'cpu'
     vae_encode_tile_px: tuple[int, int] | None  # (height, width); None = whole frames
     vae_decode_tile_px: tuple[int, int] | None
-    peaks: dict = field(default_factory=dict)  # phase -> estimated peak allocated bytes
-    resident_phases: tuple[str, ...] = ()  # phases whose weights may stay on the GPU afterwards
+    peaks: dict = field(default_factory=dict)  # Phase -> estimated peak allocated bytes
+    resident_phases: tuple[Phase, ...] = ()  # phases whose weights may stay on the GPU afterwards
     label: str = ""
     vae_spatial_stride: int = WAN_SPATIAL_FACTOR  # the VAE's pixels per latent position, for tile sizes
 
@@ -172,9 +173,9 @@ class MemoryPlan:
             return "on the GPU, whole frames" if tile is None else f"tiled, {tile[0]}x{tile[1]} px tiles"
 
         rows = [
-            ("text", "text encoder", t5[self.t5_placement]),
-            ("clip", "image encoder", "on the GPU" if self.clip_placement == "gpu" else "on the CPU"),
-            ("vae_encode", "VAE encode", vae(self.vae_encode_tile_px)),
+            (Phase.TEXT, "text encoder", t5[self.t5_placement]),
+            (Phase.CLIP, "image encoder", "on the GPU" if self.clip_placement == "gpu" else "on the CPU"),
+            (Phase.VAE_ENCODE, "VAE encode", vae(self.vae_encode_tile_px)),
         ]
         if self.offload_mode == "none":
             dit = f"all {self.num_layers} layers on the GPU"
@@ -190,7 +191,7 @@ class MemoryPlan:
             cuts.append(f"per-token work in chunks of {self.layer_chunk_tokens} tokens")
         if cuts:
             dit += "; " + "; ".join(cuts)
-        rows += [("denoise", "DiT", dit), ("vae_decode", "VAE decode", vae(self.vae_decode_tile_px))]
+        rows += [(Phase.DENOISE, "DiT", dit), (Phase.VAE_DECODE, "VAE decode", vae(self.vae_decode_tile_px))]
         for phase, title, what in rows:
             peak = self.peaks.get(phase)
             tail = f"  (peak ~{gib(peak)})" if peak is not None else ""
@@ -330,23 +331,23 @@ def plan_memory(
 
     from scail_win import vae_tiling
 
-    peaks: dict[str, int] = {}
+    peaks: dict[Phase, int] = {}
     # Text encoder.
     t5_place = "gpu"
     if t5 is not None:
         whole = t5.weight_bytes + t5.activation_bytes
         swap = t5.resident_bytes + (1 + max(prefetch, 1)) * t5.group_bytes + t5.activation_bytes
         if whole <= budget:
-            peaks["text"] = whole
+            peaks[Phase.TEXT] = whole
         elif t5.group_bytes and swap <= budget:
-            t5_place, peaks["text"] = "swap", swap
+            t5_place, peaks[Phase.TEXT] = "swap", swap
         else:
             t5_place = "cpu"
     # Image encoder.
     clip_place = "gpu"
     if clip is not None:
         if clip.weight_bytes + clip.activation_bytes <= budget:
-            peaks["clip"] = clip.weight_bytes + clip.activation_bytes
+            peaks[Phase.CLIP] = clip.weight_bytes + clip.activation_bytes
         else:
             clip_place = "cpu"
     # VAE (raises UserError when even its smallest tiles do not fit).
@@ -355,7 +356,7 @@ def plan_memory(
         for op in ("encode", "decode"):
             tiles[op] = vae_tiling.pick_tile_px(vae.frames, vae.height, vae.width, budget, op,
                                                 factor=vae.spatial_stride)
-            peaks[f"vae_{op}"] = vae_tiling.estimate_peak_bytes(
+            peaks[Phase.for_vae_op(op)] = vae_tiling.estimate_peak_bytes(
                 op, vae.frames, vae.height, vae.width, tiles[op]
             )
 
@@ -369,17 +370,17 @@ def plan_memory(
     blocks, pf, split, chunk = _plan_dit(dit, budget, prefetch, blocks_on_gpu, what)
     batch = 1 if split else dit.cfg_batch
     act = dit_activation_bytes(dit, batch, chunk)
-    peaks["denoise"] = dit_fixed_bytes(dit, blocks, pf, batch) + act
-    if peaks["denoise"] > budget:
+    peaks[Phase.DENOISE] = dit_fixed_bytes(dit, blocks, pf, batch) + act
+    if peaks[Phase.DENOISE] > budget:
         log.warning(
             "--blocks-on-gpu %d: the DiT is estimated at %.1f GiB, over the %.1f GiB budget",
-            blocks, peaks["denoise"] / GiB, budget / GiB,
+            blocks, peaks[Phase.DENOISE] / GiB, budget / GiB,
         )
     # The DiT may stay on the GPU through the other phases when its weights
     # fit beside the largest of them.
-    others = max((peak for phase, peak in peaks.items() if phase != "denoise"), default=0)
+    others = max((peak for phase, peak in peaks.items() if phase != Phase.DENOISE), default=0)
     dit_weights = dit.resident_bytes + layers * dit.group_bytes
-    resident = ("denoise",) if blocks == layers and dit_weights + others <= budget else ()
+    resident = (Phase.DENOISE,) if blocks == layers and dit_weights + others <= budget else ()
 
     if blocks == layers:
         mode = "none"

@@ -9,7 +9,9 @@ Order of work, and why:
    safetensors) is memory-mapped into it: no random initialisation and no
    second copy in RAM; fp8 layers that will be swapped stay fp8 in the file
    and are upcast on the GPU per layer;
-3. the block swap, chunked FFN and split CFG are attached as the plan asks;
+3. lean layers, the block swap and split CFG are installed as the plan asks,
+   each a named hook in its module's :class:`~scail_win.hook_registry.HookRegistry`
+   (the step cache and fp8 linears too), which keeps their order and undoes any one;
 4. T5, CLIP and the VAE are built later, on first use, through
    :func:`component_weights`, which reads their files safely and
    memory-mapped whatever layout the weights folder has.
@@ -27,6 +29,8 @@ from torch import nn
 
 from . import run_config
 from .errors import UserError
+from .hook_registry import FORWARD, HookRegistry
+from .phases import Phase
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +155,26 @@ def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: 
 
 
 class _SplitCFG:
-    """Run the network on each half of a CFG batch in turn (same math, half the activations)."""
+    """Run the network on each half of a CFG batch in turn (same math, half the activations).
 
-    def __init__(self, wrapper: nn.Module):
-        self.wrapper = wrapper
-        self.original = type(wrapper).forward.__get__(wrapper)
+    ``split_cfg`` on the network wrapper's forward, in its :class:`HookRegistry`.
+    """
+
+    name = "split_cfg"
+    slot = FORWARD
+
+    def __init__(self):
+        self.original = None
+
+    def on_add(self, wrapper) -> None:
+        pass
+
+    def on_remove(self, wrapper) -> None:
+        pass
+
+    def wrap(self, inner):
+        self.original = inner
+        return self
 
     def __call__(self, x, t, c, **kwargs):
         batch = x.shape[0]
@@ -174,42 +193,45 @@ class _SplitCFG:
 
 
 class DiTPlacement:
-    """What :func:`place_dit` attached to a DiT; :meth:`undo` takes it off again."""
+    """What :func:`place_dit` put in a DiT's hook registry; :meth:`undo` takes it off again."""
 
-    def __init__(self, lean=None, swap=None):
-        self.lean = lean
-        self.swap = swap
+    NAMES = ("lean_layers", "block_swap")
+
+    def __init__(self, dit: nn.Module):
+        self.hooks = HookRegistry.of(dit)
+
+    @property
+    def lean(self):
+        return self.hooks.get("lean_layers")
+
+    @property
+    def swap(self):
+        return self.hooks.get("block_swap")
 
     def undo(self) -> None:
-        # The swap wraps the lean layer_forward, so it comes off first.
-        if self.swap is not None:
-            self.swap.detach()
-            self.swap = None
-        if self.lean is not None:
-            self.lean.remove()
-            self.lean = None
+        for name in self.NAMES:
+            if name in self.hooks:
+                self.hooks.remove(name)
 
 
 def place_dit(dit: nn.Module, plan, device: torch.device, weight_source=None) -> DiTPlacement:
     """Lean layers and the block swap on ``dit`` as ``plan`` asks (nothing when it fits as is)."""
     from . import offload
 
-    placement = DiTPlacement()
+    placement = DiTPlacement(dit)
     if plan is None:
         return placement
     from .lean_layer import install_lean_layers
     try:
-        placement.lean = install_lean_layers(dit, plan.layer_chunk_tokens)
+        install_lean_layers(dit, plan.layer_chunk_tokens)
     except ValueError as exc:
         log.warning("lean layers unavailable for this model (%s); memory use will exceed the plan", exc)
     if plan.offload_mode != "none" and plan.blocks_on_gpu < plan.num_layers:
         kwargs = {}
         if weight_source is not None:
             kwargs = dict(source=weight_source, materialize=weight_source.materialize)
-        placement.swap = offload.BlockSwap(dit, offload.scail_layer_groups(dit), device,
-                                           resident_groups=plan.blocks_on_gpu, mode=plan.offload_mode,
-                                           prefetch=plan.prefetch, **kwargs)
-        placement.swap.attach()
+        offload.BlockSwap(dit, offload.scail_layer_groups(dit), device, resident_groups=plan.blocks_on_gpu,
+                          mode=plan.offload_mode, prefetch=plan.prefetch, **kwargs).attach()
     return placement
 
 
@@ -225,10 +247,10 @@ def apply_memory_plan(engine, plan, device: torch.device, weight_source=None) ->
     engine._block_swap = placement.swap
     # A DiT that must leave the GPU for the other phases comes in with its
     # own phase; one that stays moves now.
-    if placement.swap is None and (plan is None or "denoise" in plan.resident_phases):
+    if placement.swap is None and (plan is None or Phase.DENOISE in plan.resident_phases):
         engine.model.to(device)
     if plan is not None and plan.cfg_split:
-        engine.model.forward = _SplitCFG(engine.model)
+        HookRegistry.of(engine.model).add(_SplitCFG())
     if plan is not None:
         for line in plan.describe().splitlines():
             log.info("%s", line)
@@ -294,11 +316,13 @@ def build(args, model_cls=None):
     if loras is not None:
         loras.apply(dit, device=device, swap=placement.swap)
     install_step_cache(engine, args, plan, placement, device)
+    log.info("hooks: %s", "; ".join(f"{part}: {', '.join(names)}" for part, names in engine.installed_hooks().items())
+             or "none")
     return engine
 
 
 def install_step_cache(engine, args, plan, placement: DiTPlacement, device: torch.device) -> None:
-    """``--step-cache``: the first-block cache, outermost on the DiT's layer hook (after the placement).
+    """``--step-cache``: the first-block cache, outermost on the DiT's layer hook (its registry rank).
 
     Its two activation-sized tensors per CFG half go to pinned RAM when the
     plan already had to offload (an 8 GB card has no room for them).
@@ -322,7 +346,7 @@ def dit_load_device(plan, device: torch.device):
     where bf16 tensors stay file-backed until a phase or the block swap
     takes them.
     """
-    if device.type == "cuda" and (plan is None or "denoise" in plan.resident_phases):
+    if device.type == "cuda" and (plan is None or Phase.DENOISE in plan.resident_phases):
         return device
     return "cpu"
 

@@ -388,14 +388,24 @@ class BlockSwap:
         self._owner = owner
         self.stats = SwapStats()
         self.attached = False
+        self.slot = None  # sat's layer hook once attached to a model that has one
 
     # ------------------------------------------------------------------ attach
 
+    name = "block_swap"
+
     def attach(self) -> BlockSwap:
-        import torch
+        """Place the model and install the triggers (``block_swap`` in its :class:`HookRegistry`)."""
+        from .hook_registry import HookRegistry
 
         if self.attached:
             raise RuntimeError("BlockSwap is already attached")
+        HookRegistry.of(self.model).add(self)
+        return self
+
+    def on_add(self, model) -> None:
+        import torch
+
         names = {}
         for name, t in list(self.model.named_parameters(remove_duplicate=False)) + list(
             self.model.named_buffers(remove_duplicate=False)
@@ -423,7 +433,6 @@ class BlockSwap:
         self._staging: list[_Staging] = []
         self._next_staging = 0
         self._handles = []
-        self._sat_hook = None
         self._unpinned = 0
         try:
             self._place(names)
@@ -441,7 +450,6 @@ class BlockSwap:
             "block swap: %d of %d groups on %s, %d swapped (%s, prefetch %d)",
             len(self.resident), len(self.groups), self.device, len(self.swapped), self.mode, self.prefetch,
         )
-        return self
 
     def _place(self, names: dict[int, str]) -> None:
         import torch
@@ -517,20 +525,25 @@ class BlockSwap:
                     done.add(id(m))
                     self._handles.append(m.register_forward_pre_hook(functools.partial(self._pre_hook, gi)))
 
+        from .hook_registry import LAYER_FORWARD
+
         hooks = getattr(self.model, "hooks", None)
-        by_layer = {g.index: gi for gi, g in enumerate(self.groups) if g.index is not None}
-        if isinstance(hooks, dict) and callable(hooks.get("layer_forward")) and by_layer:
-            original = hooks["layer_forward"]
+        self._by_layer = {g.index: gi for gi, g in enumerate(self.groups) if g.index is not None}
+        if isinstance(hooks, dict) and callable(hooks.get("layer_forward")) and self._by_layer:
+            self.slot = LAYER_FORWARD
 
-            def layer_forward(*args, **kwargs):
-                if "layer_id" in kwargs:
-                    gi = by_layer.get(int(kwargs["layer_id"]))
-                    if gi is not None:
-                        self._enter(gi)
-                return original(*args, **kwargs)
+    def wrap(self, inner):
+        """sat's layer hook: enter the layer's group, then run ``inner``."""
+        by_layer = self._by_layer
 
-            hooks["layer_forward"] = layer_forward
-            self._sat_hook = (original, layer_forward)
+        def layer_forward(*args, **kwargs):
+            if "layer_id" in kwargs:
+                gi = by_layer.get(int(kwargs["layer_id"]))
+                if gi is not None:
+                    self._enter(gi)
+            return inner(*args, **kwargs)
+
+        return layer_forward
 
     def _pre_hook(self, gi: int, module, args) -> None:
         self._enter(gi)
@@ -657,24 +670,22 @@ class BlockSwap:
 
     def detach(self) -> None:
         """Remove the hooks and put every tensor back on its original device and dtype."""
+        from .hook_registry import HookRegistry
+
         if self.attached:
-            self._restore()
-            self.attached = False
+            HookRegistry.of(self.model).remove(self.name)
+
+    def on_remove(self, model) -> None:
+        self._restore()
+        self.attached = False
 
     def _restore(self) -> None:
-        """Undo whatever attach has done so far."""
+        """Undo whatever :meth:`on_add` has done so far (the registry takes the layer hook off)."""
         import torch
 
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._sat_hook is not None:
-            original, wrapper = self._sat_hook
-            for owner in (self.model, getattr(self.model, "transformer", None)):
-                hooks = getattr(owner, "hooks", None)
-                if isinstance(hooks, dict) and hooks.get("layer_forward") is wrapper:
-                    hooks["layer_forward"] = original
-            self._sat_hook = None
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         self.release_all()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence
 
 from .errors import UserError
+from .phases import Phase
 from .jobs import (Job, ModelLimits, check_resolution, interactive_jobs, read_input_file,
                    resolve_max_frames, validate_job, validate_jobs)
 from .run_config import of as run_config_of
@@ -95,7 +96,7 @@ def encode_job(model, job: Job, args, embed_cache=None) -> Conditioning:
     pose = pose.unsqueeze(0).to(device).to(torch.bfloat16)
     smpl = smpl.unsqueeze(0).to(device).to(torch.bfloat16)
     ori_image = image.unsqueeze(0).to(device).to(torch.bfloat16)          # B 1 C H W
-    with model.phase("vae"):
+    with model.phase(Phase.VAE_ENCODE):
         first = torch.concat([ori_image, torch.zeros_like(pose[:, 1:])], dim=1)
         first = rearrange(first, "b t c h w -> b c t h w").contiguous()
         image_latent = model.encode_first_stage(first, None, force_encode=True).permute(0, 2, 1, 3, 4).contiguous()
@@ -110,7 +111,7 @@ def encode_job(model, job: Job, args, embed_cache=None) -> Conditioning:
 
     clip_features = None
     if model.use_i2v_clip:
-        with model.phase("clip"):
+        with model.phase(Phase.CLIP):
             clip_features = model.clip_features(ori_image.permute(0, 2, 1, 3, 4))
 
     c, uc = text_conditioning(model, job.prompt, embed_cache)
@@ -178,7 +179,7 @@ def text_conditioning(model, prompt: str, embed_cache: Optional[TextEmbeddingCac
     keys_needed = list({e.input_key for e in conditioner.embedders})
     batch = {k: [prompt] for k in keys_needed}
     batch_uc = {k: [NEGATIVE_PROMPT] for k in keys_needed}
-    with model.phase("text"):
+    with model.phase(Phase.TEXT):
         c, uc = conditioner.get_unconditional_conditioning(batch, batch_uc=batch_uc,
                                                            force_uc_zero_embeddings=[])
     if embed_cache is not None and set(c) == {"crossattn"}:
@@ -241,7 +242,7 @@ def decode(model, samples):
     import torch
 
     samples = samples.permute(0, 2, 1, 3, 4).contiguous()                 # B C T H W
-    with model.phase("vae"):
+    with model.phase(Phase.VAE_DECODE):
         return model.decode_first_stage(samples).to(torch.float32)
 
 
@@ -319,10 +320,9 @@ def run_batch(model, jobs: Iterable[Job], args, embed_cache=None) -> List[JobRes
     return results
 
 
-PHASE_NAMES = {"text": "text encoding", "clip": "image encoding", "vae": "VAE encode/decode",
-               "denoise": "denoising"}
-PHASE_HINTS = {"text": ["--t5-cpu"], "clip": [], "vae": ["--vae-tiling on"],
-               "denoise": ["--blocks-on-gpu 0"]}
+# The setting that makes each phase need less GPU memory.
+PHASE_HINTS = {Phase.TEXT: ["--t5-cpu"], Phase.CLIP: [], Phase.VAE_ENCODE: ["--vae-tiling on"],
+               Phase.DENOISE: ["--blocks-on-gpu 0"], Phase.VAE_DECODE: ["--vae-tiling on"]}
 
 
 def out_of_memory_message(model, args) -> str:
@@ -334,7 +334,7 @@ def out_of_memory_message(model, args) -> str:
     hint.append(f"--vram-budget {max(1.0, budget - 1.0):.0f} (now {budget:.1f})" if budget
                 else "--vram-budget with the GB your GPU has free")
     hint += ["a smaller --resolution", "--max-frames 49"]
-    where = f" during {PHASE_NAMES.get(phase, phase)}" if phase else ""
+    where = f" during {Phase(phase).title}" if phase else ""
     return f"out of GPU memory{where}; try " + ", ".join(hint) + " (no output was written)"
 
 

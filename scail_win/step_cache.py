@@ -25,14 +25,14 @@ ParaAttention's cache does); the first ``warmup`` steps and the last step
 are always computed; after ``max_skips`` skipped forwards in a row one is
 computed.
 
-Place in the hook chain: outermost.  :func:`install_step_cache` wraps
-whatever ``layer_forward`` the model has (upstream's, lean layers, a
-BlockSwap's trigger), so a skipped layer does not enter the block swap and
-its weights are not streamed in.  The swap then sees, at the next forward,
-layer 0 again -- the group it entered last and still holds, with layer 1
-prefetched -- so its learned order and prefetch window stay as they were.
-Install it after the lean layers and the block swap; :meth:`StepCache.remove`
-it before undoing those.
+Place in the hook chain: outermost (its rank in
+:mod:`scail_win.hook_registry`).  It wraps the ``layer_forward`` the model
+has (upstream's, lean layers, a BlockSwap's trigger), so a skipped layer
+does not enter the block swap and its weights are not streamed in.  The
+swap then sees, at the next forward, layer 0 again -- the group it entered
+last and still holds, with layer 1 prefetched -- so its learned order and
+prefetch window stay as they were.
+The registry keeps that order whatever the order of installation.
 
 Each DiT forward within a step is one branch (a CFG batch of 2 is one;
 split CFG halves, called one after the other, are branches 0 and 1), with
@@ -57,7 +57,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional
 
-from .layer_hooks import replace_layer_forward
+from .hook_registry import LAYER_FORWARD, HookRegistry
 
 if TYPE_CHECKING:
     import torch
@@ -132,6 +132,9 @@ def _spans(rows: int):
 class StepCache:
     """The installed cache; see the module docstring.  Use :func:`install_step_cache`."""
 
+    name = "step_cache"
+    slot = LAYER_FORWARD
+
     def __init__(self, dit: "nn.Module", threshold: float, warmup: int = DEFAULT_WARMUP,
                  max_skips: int = DEFAULT_MAX_SKIPS, storage: str = "device"):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
@@ -161,25 +164,27 @@ class StepCache:
         self._num_steps: Optional[int] = None
         self._branch = -1
         self._mode: Optional[str] = None  # "skip" or "full" for the forward under way
-        self._inner = hooks["layer_forward"]
-        self.installed = True
-        self._set_hook(self._inner, self)
+        self._inner = None
+        self.installed = False
+        HookRegistry.of(dit).add(self)
 
     # ------------------------------------------------------------------ control
 
-    def _set_hook(self, expected, new) -> None:
-        replace_layer_forward(self.dit, expected, new)
+    def on_add(self, dit) -> None:
+        self.installed = True
+
+    def wrap(self, inner):
+        self._inner = inner
+        return self
+
+    def on_remove(self, dit) -> None:
+        self._branches.clear()
+        self.installed = False
 
     def remove(self) -> None:
         """Put the wrapped layer_forward back and drop the cached tensors."""
-        if not self.installed:
-            return
-        if self.dit.hooks.get("layer_forward") is not self:
-            raise RuntimeError("the layer_forward hook has been wrapped since the step cache was installed; "
-                               "remove that first")
-        self._set_hook(self, self._inner)
-        self._branches.clear()
-        self.installed = False
+        if self.installed:
+            HookRegistry.of(self.dit).remove(self.name)
 
     def reset(self) -> None:
         """Forget the cached tensors, the statistics and the decisions (a new video)."""
@@ -377,7 +382,7 @@ class StepCache:
 
 def install_step_cache(dit: "nn.Module", threshold: float, warmup: int = DEFAULT_WARMUP,
                        max_skips: int = DEFAULT_MAX_SKIPS, storage: str = "device") -> StepCache:
-    """Wrap ``dit``'s ``layer_forward`` hook in a :class:`StepCache` (install it last).
+    """Wrap ``dit``'s ``layer_forward`` hook in a :class:`StepCache` (outermost on it).
 
     ``threshold``: the accumulated relative L1 change of the first layer's
     residual under which a forward skips layers 1..N-1 (0: never skip).

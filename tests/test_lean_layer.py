@@ -289,23 +289,36 @@ def test_composes_with_block_swap(fp32_dit):
                              mode="stream", prefetch=1)
     calls = spy_on_lean_path(handle)
     with swap:
-        with pytest.raises(RuntimeError, match="detach"):
-            handle.remove()
         with torch.no_grad():
             out = fp32_dit(**inputs)
         assert swap.stats.misses + swap.stats.hits == fp32_dit.num_layers
+        # Under the swap: the registry re-wraps the swap around upstream's layer.
+        handle.remove()
+        assert fp32_dit.hooks["layer_forward"] is not original
+        with torch.no_grad():
+            assert torch.equal(fp32_dit(**inputs), reference)
     assert calls == [1, 1] and torch.equal(out, reference)
-    handle.remove()
     assert fp32_dit.hooks["layer_forward"] is original
 
 
 @pytest.mark.scail
-def test_install_after_the_swap_is_refused(fp32_dit):
+def test_install_under_an_attached_swap(fp32_dit):
     from scail_win import offload
+    from scail_win.hook_registry import HookRegistry
 
+    inputs = make_inputs("fp32", 1)
+    reference = run(fp32_dit, inputs)
+    original = fp32_dit.hooks["layer_forward"]
     with offload.BlockSwap(fp32_dit, offload.scail_layer_groups(fp32_dit), "cpu", resident_groups=0):
-        with pytest.raises(ValueError, match="before attaching a BlockSwap"):
-            install_lean_layers(fp32_dit, 64)
+        handle = install_lean_layers(fp32_dit, 64)
+        calls = spy_on_lean_path(handle)
+        assert HookRegistry.of(fp32_dit).names() == ["lean_layers", "block_swap"]
+        with torch.no_grad():
+            assert torch.equal(fp32_dit(**inputs), reference)
+        assert len(calls) == fp32_dit.num_layers
+    assert HookRegistry.of(fp32_dit).names() == ["lean_layers"]
+    handle.remove()
+    assert fp32_dit.hooks["layer_forward"] is original
 
 
 @pytest.mark.scail
@@ -315,8 +328,8 @@ def test_install_and_remove_restore_hooks_and_rope(fp32_dit):
     assert rope.rope_inplace is False
     handle = install_lean_layers(fp32_dit, 64)
     assert fp32_dit.hooks["layer_forward"] is handle and rope.rope_inplace is True
-    with pytest.raises(ValueError, match="before attaching"):
-        install_lean_layers(fp32_dit, 64)  # the hook is no longer upstream's
+    with pytest.raises(ValueError, match="'lean_layers' is already on"):
+        install_lean_layers(fp32_dit, 64)
     handle.chunk_tokens = 32
     assert handle.chunk_tokens == 32
     with pytest.raises(ValueError, match="chunk_tokens"):

@@ -223,6 +223,7 @@ def test_the_dit_is_loaded_where_the_plan_keeps_it():
 
 
 def test_split_cfg_runs_the_halves_in_turn_with_the_same_result():
+    from scail_win.hook_registry import HookRegistry
     from scail_win.model_loader import _SplitCFG
 
     g = torch.Generator().manual_seed(0)
@@ -231,7 +232,7 @@ def test_split_cfg_runs_the_halves_in_turn_with_the_same_result():
     extra = torch.randn(2, 3, generator=g)
     net = Wrapper()
     full = net(x, t, dict(c), scale=2.0, extra=extra)
-    net.forward = _SplitCFG(net)
+    HookRegistry.of(net).add(_SplitCFG())
     net.seen.clear()
     split = net(x, t, dict(c), scale=2.0, extra=extra)
     assert net.seen == [1, 1] and torch.equal(split, full)

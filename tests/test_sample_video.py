@@ -7,6 +7,7 @@ import torch
 from scail_win import sample_video
 from scail_win.errors import UserError
 from scail_win.jobs import Job
+from scail_win.phases import Phase
 
 
 def fake_model(phase, budget_gb=6.0):
@@ -15,8 +16,8 @@ def fake_model(phase, budget_gb=6.0):
 
 
 def test_out_of_memory_names_the_phase_and_what_would_fit():
-    text = sample_video.out_of_memory_message(fake_model("vae"), None)
-    assert text.startswith("out of GPU memory during VAE encode/decode; try --vae-tiling on")
+    text = sample_video.out_of_memory_message(fake_model(Phase.VAE_DECODE), None)
+    assert text.startswith("out of GPU memory during VAE decoding; try --vae-tiling on")
     assert "--vram-budget 5 (now 6.0)" in text and "no output was written" in text
     text = sample_video.out_of_memory_message(fake_model("denoise", None), None)
     assert "during denoising" in text and "--blocks-on-gpu 0" in text

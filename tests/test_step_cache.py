@@ -245,11 +245,11 @@ def test_remove_restores_the_hooks():
         model(xs[0], emb)  # no begin_step needed any more
 
 
-def test_remove_refuses_while_wrapped():
+def test_remove_refuses_while_wrapped_outside_the_registry():
     model = make()
     cache = install_step_cache(model, 0.1)
     model.hooks["layer_forward"] = lambda *a, **k: cache(*a, **k)
-    with pytest.raises(RuntimeError, match="wrapped since"):
+    with pytest.raises(RuntimeError, match="replaced outside its hook registry"):
         cache.remove()
 
 
