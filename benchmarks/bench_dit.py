@@ -21,7 +21,7 @@ Random weights, 16.4 B parameters, one sampling step at 512x896, 81 frames
   activations  (not in the default stages; meant for --layers 2) scail-win's
              DiT resident, batch 1 and CFG batch 2: activation peak
              (max_memory_allocated minus what was allocated before the call)
-             without lean layers and with lean layers (scail_win.lean_layer)
+             without lean layers and with lean layers (scail_win.placement.lean_layer)
              of no chunking and 32768 ... 4096 tokens, against the estimate
              lean_activation_widths; time per call and error against the
              model without lean layers.
@@ -106,7 +106,7 @@ def model_config(scail_root: Path, layers):
 
 def model_spec(cfg):
     """The ModelSpec of ``cfg`` (upstream's model yaml) with upstream's sampling arguments for SCAIL-Preview."""
-    from scail_win.model_spec import ModelSpec
+    from scail_win.model.spec import ModelSpec
 
     return ModelSpec.from_model_config(cfg, vae_compress_size=[4, 8, 8], representation="smpl_downsample")
 
@@ -138,7 +138,7 @@ def build_upstream(cfg, ours):
     """Upstream's own DiT class and mixins, sharing ``ours``'s weight tensors."""
     from omegaconf import OmegaConf
     from sgm.util import instantiate_from_config
-    from scail_win.lazy_init import empty_weights
+    from scail_win.model.lazy_init import empty_weights
 
     net = OmegaConf.create(OmegaConf.to_container(cfg.network_config))
     net.params.dtype = "bf16"
@@ -247,8 +247,8 @@ def table(title, header, rows):
 
 
 def stage_resident(args, cfg, res):
-    from scail_win import layer_ops
-    from scail_win.lean_layer import install_lean_layers
+    from scail_win.model.kernels import layer_ops
+    from scail_win.placement.lean_layer import install_lean_layers
 
     dev = torch.device("cuda", 0)
     ours = build_ours(cfg, "fp32", dev)
@@ -305,10 +305,11 @@ def stage_resident(args, cfg, res):
 
 
 def stage_swap(args, cfg, res, ours):
-    from scail_win import memory, offload
-    from scail_win.hook_registry import HookRegistry
-    from scail_win.lean_layer import install_lean_layers
-    from scail_win.model_loader import _SplitCFG, place_dit
+    from scail_win.placement import memory_plan as memory
+    from scail_win.placement import offload
+    from scail_win.placement.registry import HookRegistry
+    from scail_win.placement.lean_layer import install_lean_layers
+    from scail_win.model.loader import _SplitCFG, place_dit
 
     dev = torch.device("cuda", 0)
     x, s, c, uc, tokens = latent_inputs(args.size, args.frames, dev)
@@ -384,7 +385,7 @@ LEAN_CHUNKS = (None, 32768, 16384, 8192, 4096)
 
 def stage_activations(args, cfg, res):
     """Activation peaks of scail-win's DiT without and with lean layers, batch 1 and 2."""
-    from scail_win.lean_layer import install_lean_layers, lean_activation_widths
+    from scail_win.placement.lean_layer import install_lean_layers, lean_activation_widths
 
     dev = torch.device("cuda", 0)
     ours = build_ours(cfg, "fp32", dev)
@@ -437,8 +438,10 @@ def stage_activations(args, cfg, res):
 
 def stage_phases(args, cfg, res):
     """T5, CLIP and VAE at the 8 GiB plan (random weights, full architectures)."""
-    from scail_win import memory, offload, vae_tiling
-    from scail_win.lazy_init import empty_weights
+    from scail_win.placement import memory_plan as memory
+    from scail_win.placement import offload
+    from scail_win.model import vae_tiling
+    from scail_win.model.lazy_init import empty_weights
     from scail_win.phases import Phase
 
     dev = torch.device("cuda", 0)

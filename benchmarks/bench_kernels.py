@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scail_win import attention, fp8_linear  # noqa: E402
-from scail_win.weights import dequantize, quantize_fp8, relative_error  # noqa: E402
+from scail_win.model.kernels import attention  # noqa: E402
+from scail_win.model.kernels import fp8_linear
+from scail_win.weights.checkpoint import dequantize, quantize_fp8, relative_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rope3d import time_ms  # noqa: E402  (one CUDA-event timer for the kernel benchmarks)

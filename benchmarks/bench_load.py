@@ -7,20 +7,20 @@ Paths, each timed in a fresh Python process on the same checkpoint files:
             cast to bf16, move it to the GPU, torch.load the whole .pt pickle
             into RAM, load_state_dict(strict=False).
   ours      build on the meta device (no init, no memory), then
-            scail_win.weights.load_into from the converted dit.safetensors,
-            memory-mapped, each tensor put where scail_win.model_loader
+            scail_win.weights.checkpoint.load_into from the converted dit.safetensors,
+            memory-mapped, each tensor put where scail_win.model.loader
             puts it (the GPU when the memory plan keeps the DiT there, else
             file-backed on the CPU), then lean layers as the plan says.
   ours-pt   the same from the original .pt (memory-mapped, weights_only).
   ours-noprefetch  ours with SCAIL_WIN_PREFETCH=0: no background read of
             the file into the OS cache while the process starts
-            (scail_win.prefetch, which ours and ours-pt start where
+            (scail_win.weights.prefetch, which ours and ours-pt start where
             ``scail_win.sample`` does: before the imports and set-up).
 
 Stages (--stage, default all): `generate` writes a random bf16 checkpoint in
 SCAIL's layout, DIR/sat/model/1/mp_rank_00_model_states.pt (about 33 GB at
 the full 40 layers; --layers scales it); `convert` streams it into
-DIR/converted/dit.safetensors with scail_win.convert and records time and
+DIR/converted/dit.safetensors with scail_win.weights.convert and records time and
 peak RSS; `time` runs the paths.  Each stage is a separate command when a
 run must stay under a time limit; files persist in DIR between them.
 
@@ -34,7 +34,7 @@ names of SCAIL's DiT (16.3 B parameters at 40 layers; no forward, so ready
 time only).  With --scail-root, SCAIL's own DiT from that tree's model
 config: upstream's class with its own random init (SCAIL_WIN_DISABLE=1, so
 upstream's modules throughout; it needs CUDA, so a CPU run skips it) against
-scail-win's build_dit; --tiny shrinks it to scail_win.smoke's 2-layer DiT
+scail-win's build_dit; --tiny shrinks it to scail_win.testing.smoke's 2-layer DiT
 for CPU smoke runs.  --first-step
 HxWxF (SCAIL only) then runs one CFG denoising step (sgm's denoiser and
 VanillaCFG, batch 2, as RFSampler calls the network) on the same seeded
@@ -71,9 +71,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scail_win import weights as W  # noqa: E402
-from scail_win.convert import convert_checkpoint  # noqa: E402
-from scail_win.hook_registry import HookRegistry  # noqa: E402
+from scail_win.weights import checkpoint as W  # noqa: E402
+from scail_win.weights.convert import convert_checkpoint  # noqa: E402
+from scail_win.placement.registry import HookRegistry  # noqa: E402
 
 GIB = 2**30
 SAT_REL = Path("sat") / "model" / "1" / "mp_rank_00_model_states.pt"
@@ -168,7 +168,7 @@ class ScailDiT:
         sys.path.insert(0, str(args.scail_root))
         self.cfg = bd.model_config(args.scail_root, None if args.tiny else args.layers)
         if args.tiny:
-            from scail_win import smoke
+            from scail_win.testing import smoke
 
             # sat's LayerNorm has no bf16 CPU path without affine weights.
             extra = {"elementwise_affine": True} if args.device == "cpu" else {}
@@ -310,8 +310,8 @@ def _step_size(text: str) -> tuple[int, int, int]:
 
 
 def _plan_ours(model, dit: nn.Module, args, device: torch.device):
-    """The memory plan scail_win.model_loader.build makes for this size (None off CUDA)."""
-    from scail_win.model_loader import make_plan
+    """The memory plan scail_win.model.loader.build makes for this size (None off CUDA)."""
+    from scail_win.model.loader import make_plan
 
     if device.type != "cuda":
         return None
@@ -322,8 +322,8 @@ def _plan_ours(model, dit: nn.Module, args, device: torch.device):
 
 
 def _place_ours(dit: nn.Module, plan, device: torch.device):
-    """Lean layers, and the GPU for what is not there yet, as scail_win.model_loader.build does."""
-    from scail_win.model_loader import _SplitCFG, place_dit
+    """Lean layers, and the GPU for what is not there yet, as scail_win.model.loader.build does."""
+    from scail_win.model.loader import _SplitCFG, place_dit
 
     if device.type != "cuda":
         return dit, None
@@ -353,7 +353,7 @@ def child(args) -> None:
     src = args.dir / (SAT_REL if args.child in ("upstream", "ours-pt") else ST_REL)
     prefetch = None
     if args.child != "upstream":
-        from scail_win.prefetch import prefetch_files
+        from scail_win.weights.prefetch import prefetch_files
 
         prefetch = prefetch_files([src])
     model = _model(args)
@@ -377,9 +377,9 @@ def child(args) -> None:
         plan = None
         place = device
         if model.first_step:
-            from scail_win.model_loader import dit_load_device
+            from scail_win.model.loader import dit_load_device
 
-            # Where scail_win.model_loader.build puts the tensors: the GPU when the DiT stays there.
+            # Where scail_win.model.loader.build puts the tensors: the GPU when the DiT stays there.
             plan = _plan_ours(model, dit, args, device)
             place = dit_load_device(plan, device)
         dtype = None if args.keep_fp8 else torch.bfloat16
@@ -481,7 +481,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=40, help="DiT layers (scales the files)")
     p.add_argument("--width-div", type=int, default=1, help="divide the stand-in's widths (smoke runs only)")
     p.add_argument("--scail-root", type=Path, help="SCAIL tree: time SCAIL's own DiT instead of the stand-in")
-    p.add_argument("--tiny", action="store_true", help="with --scail-root: scail_win.smoke's 2-layer DiT")
+    p.add_argument("--tiny", action="store_true", help="with --scail-root: scail_win.testing.smoke's 2-layer DiT")
     p.add_argument("--first-step", type=_step_size, metavar="HxWxF",
                    help="with --scail-root: also time one CFG denoising step at this size, e.g. 512x896x81")
     p.add_argument("--prefix", default="model.diffusion_model.", help="checkpoint key prefix of the DiT")

@@ -33,9 +33,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scail_win import lora as L  # noqa: E402
-from scail_win import weights as W  # noqa: E402
-from scail_win.offload import BlockSwap, scail_layer_groups  # noqa: E402
+from scail_win.weights import lora as L  # noqa: E402
+from scail_win.weights import checkpoint as W  # noqa: E402
+from scail_win.placement.offload import BlockSwap, scail_layer_groups  # noqa: E402
 
 GiB = 1 << 30
 

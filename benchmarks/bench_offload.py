@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scail_win.offload import BlockSwap, groups_from_modulelists  # noqa: E402
+from scail_win.placement.offload import BlockSwap, groups_from_modulelists  # noqa: E402
 
 GiB = 1 << 30
 

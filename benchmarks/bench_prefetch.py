@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Start-up with and without scail_win.prefetch, libraries warm and weights cold.
+"""Start-up with and without scail_win.weights.prefetch, libraries warm and weights cold.
 
 The usual second-and-later start: Python's libraries are in the OS cache,
 the DiT file (larger than what stays cached between runs) is not.  Each run
@@ -11,7 +11,7 @@ before the first step, timed from its start:
              as ``scail_win.sample`` begins it: before the heavy imports)
   built      sat/sgm imported, the process group set up, SCAIL's DiT built
              on the meta device
-  mapped     scail_win.weights.load_into: file-backed CPU tensors
+  mapped     scail_win.weights.checkpoint.load_into: file-backed CPU tensors
   ready      every tensor read once (a copy, as the move to the GPU reads it)
 
 Runs alternate prefetch on/off, --repeat times each.  The checkpoint comes
@@ -54,7 +54,7 @@ def child(args) -> None:
     src = args.dir / bl.ST_REL
     prefetch = None
     if args.child == "on":
-        from scail_win.prefetch import prefetch_files
+        from scail_win.weights.prefetch import prefetch_files
 
         prefetch = prefetch_files([src])
     t = {"imported": time.time() - t0}
@@ -63,7 +63,7 @@ def child(args) -> None:
     model.setup(torch.device("cpu"), upstream=False)
     dit = model.ours()
     t["built"] = time.time() - t0
-    from scail_win import weights
+    from scail_win.weights import checkpoint as weights
 
     weights.load_into(dit, src, prefix="model.diffusion_model.", placement="cpu", dtype=torch.bfloat16)
     t["mapped"] = time.time() - t0

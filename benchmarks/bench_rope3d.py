@@ -1,4 +1,4 @@
-"""Time the fused 3D RoPE (scail_win.rope3d) and upstream's mixin at SCAIL's size.
+"""Time the fused 3D RoPE (scail_win.model.kernels.rope3d) and upstream's mixin at SCAIL's size.
 
     python benchmarks/bench_rope3d.py [--scail-root DIR] [--sweep]
 
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scail_win import rope3d, rotary  # noqa: E402
+from scail_win import rotary  # noqa: E402
+from scail_win.model.kernels import rope3d
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MiB = 1 << 20

@@ -79,7 +79,8 @@ def parse_args(argv):
 
 
 def build_engine(opts, device):
-    from scail_win import arguments, smoke
+    from scail_win import arguments
+    from scail_win.testing import smoke
     from scail_win.diffusion_video import SATVideoDiffusionEngine
 
     args = arguments.get_args(["--base", str(arguments.packaged_config_path()), "--seed", "1"])
@@ -123,7 +124,7 @@ def conditioning(engine, size, frames, device, seed=1):
 
 
 def configure(engine, sampler="euler", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, attention="sdpa"):
-    from scail_win import attention as attention_mod
+    from scail_win.model.kernels import attention as attention_mod
 
     engine.args.sampler = sampler
     engine.sampler.num_steps = steps
@@ -191,7 +192,7 @@ class Placement:
     """The memory plan for a card of ``budget`` GiB (None: resident), applied the loader's way."""
 
     def __init__(self, engine, args, device, budget):
-        from scail_win import model_loader
+        from scail_win.model import loader as model_loader
 
         self.engine, self.device, self.budget = engine, device, budget
         dit = engine.model.diffusion_model
@@ -210,7 +211,7 @@ class Placement:
         self.describe = plan.describe().splitlines()[0] if plan is not None else "no plan"
 
     def undo(self):
-        from scail_win.hook_registry import HookRegistry
+        from scail_win.placement.registry import HookRegistry
 
         HookRegistry.of(self.engine.model).remove_all()
         self.placement.undo()
@@ -221,7 +222,7 @@ class Placement:
 
 
 def with_step_cache(engine, placement, threshold, **kwargs):
-    from scail_win.step_cache import install_step_cache
+    from scail_win.model.step_cache import install_step_cache
 
     offloaded = placement.plan is not None and (placement.placement.swap is not None or placement.plan.cfg_split)
     storage = "cpu" if offloaded and placement.device.type == "cuda" else "device"
@@ -237,7 +238,8 @@ def drop_step_cache(engine):
 
 def quantize_fp8_(engine):
     """Store every per-layer linear weight in fp8 e4m3 with per-channel scales, as `convert` writes them."""
-    from scail_win import fp8_linear, weights
+    from scail_win.model.kernels import fp8_linear
+    from scail_win.weights import checkpoint as weights
 
     dit = engine.model.diffusion_model
     names = fp8_linear.fp8_linear_weights(dit)
@@ -263,7 +265,7 @@ SETTINGS = (  # label, sampler, cfg, attention
 
 
 def stage_steps(opts, engine, args, device, res):
-    from scail_win import attention as attention_mod
+    from scail_win.model.kernels import attention as attention_mod
     from scail_win.errors import UserError
 
     c, uc, shape = conditioning(engine, opts.size, opts.frames, device)
@@ -320,7 +322,7 @@ def stage_steps(opts, engine, args, device, res):
         place.undo()
     # fp8 weights, resident: upcast (today) and fp8 matmul.
     if device.type == "cuda":
-        from scail_win import fp8_linear
+        from scail_win.model.kernels import fp8_linear
 
         fp8_names = quantize_fp8_(engine)
         gc.collect()

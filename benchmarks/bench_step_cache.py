@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The step cache (scail_win.step_cache) on SCAIL's full-size DiT: what it costs and what it skips.
+"""The step cache (scail_win.model.step_cache) on SCAIL's full-size DiT: what it costs and what it skips.
 
 Random bf16 weights (bench_dit's builder), lean layers as the memory plan
 installs them when everything fits, CFG batch 2 through sgm's denoiser.
@@ -73,14 +73,14 @@ def parse_args(argv):
 
 
 def cache_options(args):
-    from scail_win import step_cache
+    from scail_win.model import step_cache
 
     return dict(warmup=step_cache.DEFAULT_WARMUP if args.warmup is None else args.warmup,
                 max_skips=step_cache.DEFAULT_MAX_SKIPS if args.max_skips is None else args.max_skips)
 
 
 def stage_cost(args, cfg, dit, res):
-    from scail_win.step_cache import install_step_cache
+    from scail_win.model.step_cache import install_step_cache
 
     dev = torch.device("cuda", 0)
     x, s, c, uc, tokens = bd.latent_inputs(args.size, args.frames, dev)
@@ -159,7 +159,7 @@ def sample(step, sampler, x0, c, uc, cache=None, steps=None):
 
 
 def stage_trajectory(args, cfg, dit, res):
-    from scail_win.step_cache import install_step_cache
+    from scail_win.model.step_cache import install_step_cache
 
     dev = torch.device("cuda", 0)
     x, _, c, uc, tokens = bd.latent_inputs(args.traj_size, args.traj_frames, dev, seed=7)
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     scail_root = Path(args.scail_root).resolve()
     sys.path.insert(0, str(scail_root))
     import scail_win.hook
-    from scail_win.lean_layer import install_lean_layers
+    from scail_win.placement.lean_layer import install_lean_layers
 
     scail_win.hook.install()
     out = Path(args.out)

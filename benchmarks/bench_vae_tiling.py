@@ -5,12 +5,12 @@ Builds upstream's ``sgm.models.wan_vae.WanVAE`` from a SCAIL tree
 (--scail-root, default $SCAIL_ROOT or .scail) in bf16 on the GPU, with random
 weights (upstream's ``_video_vae`` layout) or, with --vae-pth, the real
 Wan2.1_VAE.pth, and calls it the way the engine does: ``vae.encode(clip)``
-and ``vae.decode(latents)``, untiled and through scail_win.vae_tiling.
+and ``vae.decode(latents)``, untiled and through scail_win.model.vae_tiling.
 
 Encode: upstream's i2v clip (a reference frame then zeros), 81 frames at
 512x896 by default. Decode: the latents of a smooth moving synthetic clip
 (21 latent frames). For each run: tile, the memory estimate of
-scail_win.vae_tiling, peak allocated and reserved GiB (weights and inputs
+scail_win.model.vae_tiling, peak allocated and reserved GiB (weights and inputs
 included, as in shared/baseline), seconds, and the max/mean abs and max
 relative difference from the untiled result. Random weights exaggerate seam
 differences; use --vae-pth for quality numbers.
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scail_win.vae_tiling import (estimate_peak_bytes, pick_tile_px, tiled_decode,  # noqa: E402
+from scail_win.model.vae_tiling import (estimate_peak_bytes, pick_tile_px, tiled_decode,  # noqa: E402
                                   tiled_encode)
 
 GIB = 1 << 30

@@ -16,7 +16,7 @@ Full-size SCAIL DiT (16.4 B parameters) with random weights, one CFG step at
            per layer (30 GiB of RAM), for the stream-vs-pinned step time.
   fp8mm    (with files and the fp8 file) the fp8 file resident, upcast (the
            default) and with fp8 matmuls (weights kept fp8 on the GPU,
-           torch._scaled_mm: scail_win.fp8_linear), and streamed at the card
+           torch._scaled_mm: scail_win.model.kernels.fp8_linear), and streamed at the card
            size with fp8 matmuls.
 
 Usage (GPU machine, after `. benchmarks/gpu_env.sh`):
@@ -61,7 +61,7 @@ def parse_args(argv):
 
 
 def write_safetensors(dit, path: Path, fp8: bool) -> float:
-    from scail_win import weights
+    from scail_win.weights import checkpoint as weights
 
     sd = dit.state_dict()
     entries, tail = [], []
@@ -90,7 +90,7 @@ def write_safetensors(dit, path: Path, fp8: bool) -> float:
 
 
 def stage_fp8(args, cfg, res, dit, inputs):
-    from scail_win import weights
+    from scail_win.weights import checkpoint as weights
 
     x, s, c, uc, _ = inputs
     step = bd.Step(cfg, dit)
@@ -114,10 +114,13 @@ def stage_fp8(args, cfg, res, dit, inputs):
 
 
 def stage_files(args, cfg, res, dit, inputs):
-    from scail_win import fp8_linear, memory, offload, weights
+    from scail_win.model.kernels import fp8_linear
+    from scail_win.placement import memory_plan as memory
+    from scail_win.placement import offload
+    from scail_win.weights import checkpoint as weights
     from scail_win.diffusion_video import build_dit
-    from scail_win.hook_registry import HookRegistry
-    from scail_win.model_loader import _SplitCFG, largest_group_gpu_bytes, place_dit
+    from scail_win.placement.registry import HookRegistry
+    from scail_win.model.loader import _SplitCFG, largest_group_gpu_bytes, place_dit
 
     dev = torch.device("cuda", 0)
     folder = Path(args.dir)

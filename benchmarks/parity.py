@@ -4,7 +4,7 @@
 Stages (--stages):
 
   pipeline  A SCAIL with random weights written as SCAIL-Preview files by
-            scail_win.smoke: a tiny DiT (2 layers, upstream's classes and
+            scail_win.testing.smoke: a tiny DiT (2 layers, upstream's classes and
             mixins), upstream's umT5-XXL and CLIP ViT-H classes at full size
             (12 GB of random .pth files; --tiny-encoders for the small
             stand-ins), the real Wan 2.1 VAE architecture. One job (--example,
@@ -200,8 +200,9 @@ def scail_win_run(opts, config, job, rope_mode, device):
 def stage_pipeline(opts, work, res):
     import torch
 
-    from scail_win import smoke, video_io
-    from scail_win.jobs import Job, validate_job
+    from scail_win.testing import smoke
+    from scail_win.io import video as video_io
+    from scail_win.io.jobs import Job, validate_job
     from scail_win.sample_video import load_job_inputs
 
     device = torch.device(opts.device)
@@ -264,10 +265,12 @@ def stage_dit(opts, res):
     from sgm.modules.diffusionmodules.wrappers import OpenAIWrapper
     from sgm.util import instantiate_from_config
 
-    from scail_win import arguments, layer_ops, smoke
+    from scail_win import arguments
+    from scail_win.model.kernels import layer_ops
+    from scail_win.testing import smoke
     from scail_win.diffusion_video import build_dit
-    from scail_win.lazy_init import empty_weights
-    from scail_win.lean_layer import install_lean_layers
+    from scail_win.model.lazy_init import empty_weights
+    from scail_win.placement.lean_layer import install_lean_layers
 
     device = torch.device(opts.device)
     dtype, dtype_str = (torch.bfloat16, "bf16") if device.type == "cuda" else (torch.float32, "fp32")
@@ -346,7 +349,9 @@ def stage_fp8(opts, res):
     import torch
     from omegaconf import OmegaConf
 
-    from scail_win import arguments, smoke, weights
+    from scail_win import arguments
+    from scail_win.testing import smoke
+    from scail_win.weights import checkpoint as weights
     from scail_win.diffusion_video import build_dit
 
     device = torch.device(opts.device)

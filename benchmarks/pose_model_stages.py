@@ -200,7 +200,7 @@ def stage_nlf(args, device):
 
 
 def stage_pipeline(args, device):
-    from scail_win import video_io
+    from scail_win.io import video as video_io
     from scail_win.pose import pipeline
 
     folder, which = _models(args)

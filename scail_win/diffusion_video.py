@@ -9,7 +9,7 @@ uses, so upstream's own ``sampling_main`` runs against it too. What differs:
   lets those modules import on a machine without CUDA), and
   ``empty_weights=True`` builds the DiT on ``meta`` for the weights loader;
 * with one process, attention skips the Ulysses all-to-all collectives
-  and runs on the kernel ``args.attention`` names (:mod:`scail_win.attention`),
+  and runs on the kernel ``args.attention`` names (:mod:`scail_win.model.kernels.attention`),
   and no barrier or broadcast is issued;
 * where each component lives, and when it moves, is decided in one place:
   :meth:`SATVideoDiffusionEngine.phase`, which asks the memory plan.
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import run_config
-from .lazy_init import empty_weights as _empty_weights, skip_init
+from .model.lazy_init import empty_weights as _empty_weights, skip_init
 from .upstream.patches import CUDA_DEVICE_DEFAULT, SINGLE_PROCESS_ATTENTION
 from .upstream.versions import warn_if_untested
 from .phases import Phase
@@ -35,7 +35,7 @@ from .phases import Phase
 log = logging.getLogger(__name__)
 
 DEFAULT_WRAPPER = "sgm.modules.diffusionmodules.wrappers.OpenAIWrapper"
-FUSED_ROPE_TARGET = "scail_win.rope3d.Rotary3DPositionEmbeddingMixin"
+FUSED_ROPE_TARGET = "scail_win.model.kernels.rope3d.Rotary3DPositionEmbeddingMixin"
 
 
 def _instantiate(config):
@@ -114,9 +114,9 @@ def build_dit(network_config, *, dtype_str: str = "bf16", use_i2v_clip: bool = T
     No random initialisation (``empty_weights``: parameters on ``meta`` for
     the loader; otherwise uninitialised CPU storage, which upstream's
     ``load_checkpoint`` then fills); the fused 3D RoPE mixin
-    (:mod:`scail_win.rope3d`, ``rope_mode`` ``fp32`` or ``exact``) in place of
+    (:mod:`scail_win.model.kernels.rope3d`, ``rope_mode`` ``fp32`` or ``exact``) in place of
     upstream's; and, with one process, attention without the Ulysses
-    collectives (:mod:`scail_win.attention`).
+    collectives (:mod:`scail_win.model.kernels.attention`).
     """
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_str]
     network_config = copy.deepcopy(network_config)
@@ -178,7 +178,7 @@ class SATVideoDiffusionEngine(nn.Module):
         self.dtype, self.dtype_str = _dtype_from_args(args)
         # Before anything loads: a forced --attention kernel that is not
         # installed fails now; the kernel itself is probed on the first call.
-        from . import attention
+        from .model.kernels import attention
         self.attention = attention.configure(run_config.of(args).numerics.attention)
         self.device = torch.device(getattr(args, "device", "cpu") if not isinstance(getattr(args, "device", "cpu"), int)
                                    else f"cuda:{args.device}")
@@ -279,14 +279,14 @@ class SATVideoDiffusionEngine(nn.Module):
     # -- placement ------------------------------------------------------------
 
     def set_memory_plan(self, plan, compute_device: Optional[torch.device] = None) -> None:
-        """Adopt ``plan`` (a :class:`scail_win.memory.MemoryPlan`); see :meth:`phase`."""
+        """Adopt ``plan`` (a :class:`scail_win.placement.memory_plan.MemoryPlan`); see :meth:`phase`."""
         self.memory_plan = plan
         if compute_device is not None:
             self.compute_device = torch.device(compute_device)
 
     def installed_hooks(self) -> Dict[str, list]:
         """Installed hook names (innermost first) of each part that has any: network, DiT, text encoder."""
-        from .hook_registry import HookRegistry
+        from .placement.registry import HookRegistry
 
         parts = {"network": self.model, "dit": getattr(self.model, "diffusion_model", None)}
         conditioner = self._lazy.get("conditioner")
@@ -341,8 +341,8 @@ class SATVideoDiffusionEngine(nn.Module):
 
     def _swap_text_encoder(self, emb, device: torch.device) -> None:
         """Attach (GPU) or detach (CPU) a block swap over T5's blocks, ``block_swap`` in T5's hook registry."""
-        from . import offload
-        from .hook_registry import HookRegistry
+        from .placement import offload
+        from .placement.registry import HookRegistry
 
         t5 = emb.model
         hooks = HookRegistry.of(t5)
@@ -387,7 +387,7 @@ class SATVideoDiffusionEngine(nn.Module):
     # -- first stage ------------------------------------------------------------
 
     def _vae_call(self, phase: Phase, x: torch.Tensor) -> torch.Tensor:
-        from . import vae_tiling
+        from .model import vae_tiling
         vae = self.first_stage_model
         if x.device.type == "cpu" and isinstance(getattr(vae, "dtype", None), torch.dtype):
             # WanVAE autocasts on CUDA only; on the CPU the input must already be in its dtype.
@@ -559,7 +559,7 @@ class SATVideoDiffusionEngine(nn.Module):
 
 def _fused_rope_available() -> bool:
     try:
-        importlib.import_module("scail_win.rope3d")
+        importlib.import_module("scail_win.model.kernels.rope3d")
     except ImportError:
         return False
     return True

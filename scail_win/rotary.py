@@ -17,9 +17,9 @@ from typing import Optional, Union
 
 import torch
 
-from scail_win.kernel_backend import KernelBackend
+from scail_win.model.kernels.kernel_backend import KernelBackend
 
-BACKEND = KernelBackend("SCAIL_WIN_ROTARY", "scail_win.rotary_triton", "rotary embeddings")
+BACKEND = KernelBackend("SCAIL_WIN_ROTARY", "scail_win.model.kernels.rotary_triton", "rotary embeddings")
 BACKEND_ENV = BACKEND.env
 
 # Largest head dim the Triton kernels take (upstream's limit too); larger

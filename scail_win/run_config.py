@@ -228,7 +228,7 @@ class _Group:
 
 @dataclass(frozen=True)
 class Memory(_Group):
-    """Where weights and activations live (:mod:`scail_win.model_loader`'s memory plan)."""
+    """Where weights and activations live (:mod:`scail_win.model.loader`'s memory plan)."""
     vram_budget: Optional[float] = _option(None, gigabytes)     # GB; None: from free GPU memory
     blocks_on_gpu: Optional[int] = _option(None, block_count)   # None: as many as the budget allows
     ram_budget: Optional[float] = _option(None, gigabytes)      # GB; None: from free RAM

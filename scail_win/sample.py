@@ -20,14 +20,14 @@ import sys
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from .cli_support import HelpFormatter, run_cli, setup_logging
+from .cli.support import HelpFormatter, run_cli, setup_logging
 from .errors import UserError
 from . import run_config
 from .run_config import ATTENTION_CHOICES, DEFAULT_SAVE_EVERY, DEFAULT_SEED, SAMPLER_CHOICES
-from .jobs import (Job, ModelLimits, check_resolution, config_resolution, interactive_jobs,
+from .io.jobs import (Job, ModelLimits, check_resolution, config_resolution, interactive_jobs,
                    read_input_file, resolve_max_frames, validate_job, validate_jobs)
-from .model_spec import ModelSpec
-from .smoke import SMOKE_FRAMES, SMOKE_SIZE, SMOKE_STEPS
+from .model.spec import ModelSpec
+from .testing.smoke import SMOKE_FRAMES, SMOKE_SIZE, SMOKE_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def prepare(opts: argparse.Namespace) -> Iterable[Job]:
 
 def check_loras(opts: argparse.Namespace) -> None:
     """Every ``--lora`` parses and exists before anything loads (shapes are checked at load)."""
-    from .lora import specs
+    from .weights.lora import specs
 
     specs(opts.lora or ())
 

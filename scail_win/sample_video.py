@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 from .errors import UserError
 from .phases import Phase
-from .jobs import (Job, ModelLimits, check_resolution, interactive_jobs, read_input_file,
+from .io.jobs import (Job, ModelLimits, check_resolution, interactive_jobs, read_input_file,
                    resolve_max_frames, validate_job, validate_jobs)
 from .run_config import of as run_config_of
 
@@ -38,7 +38,7 @@ class JobResult:
 
 def job_settings(args) -> dict:
     """``validate_job`` settings from upstream-style ``args`` (config merged in)."""
-    from .model_spec import ModelSpec
+    from .model.spec import ModelSpec
 
     limits = ModelLimits.from_spec(ModelSpec.from_args(args))
     resolution = tuple(int(v) for v in args.sampling_image_size)
@@ -74,7 +74,7 @@ class Conditioning:
 
 def load_job_inputs(job: Job, args):
     """Reference image and pose videos (full and half size) as upstream prepares them."""
-    from . import video_io
+    from .io import video as video_io
 
     image = video_io.load_reference_image(job.ref_image, args.sampling_image_size)
     pose, _ = video_io.load_pose_video(job.pose_video, job.size, max_frames=job.frames)
@@ -149,7 +149,7 @@ class TextEmbeddingCache:
 
 def text_cache_for(args, model) -> Optional[TextEmbeddingCache]:
     """The embedding cache for ``model``'s text encoder, or None (``--embed-cache off``)."""
-    from .embed_cache import EmbedCache
+    from .io.embed_cache import EmbedCache
 
     where = run_config_of(args).io.embed_cache
     if where in ("off", "none", ""):
@@ -193,7 +193,7 @@ def denoise(model, cond: Conditioning, args, state_file: Optional[Path], job_fin
     """Run the sampler with progress, periodic saves, and a save on Ctrl-C."""
     import torch
     from tqdm import tqdm
-    from . import resume as resume_mod
+    from .io import resume as resume_mod
 
     start_step, start_latents, solver_state = 0, None, None
     if resume and state_file is not None:
@@ -247,7 +247,7 @@ def decode(model, samples):
 
 
 def decode_and_write(model, samples, output_path: Path, fps: float) -> Path:
-    from . import video_io
+    from .io import video as video_io
 
     video = decode(model, samples)
     frames = video_io.to_uint8_frames(video[0].permute(1, 0, 2, 3))         # T H W C
@@ -260,7 +260,7 @@ def numerics_settings(args) -> dict:
     A resume must match them; leaving the defaults out keeps the fingerprint
     of a default run (and its saved states) as it was.
     """
-    from . import lora
+    from .weights import lora
 
     settings = run_config_of(args).non_default_numerics()
     merged = lora.identity(args)
@@ -271,9 +271,9 @@ def numerics_settings(args) -> dict:
 
 def run_one(model, job: Job, args, embed_cache=None) -> Path:
     """Make one (validated) job's video; returns the path written."""
-    from . import resume as resume_mod
-    from . import video_io
-    from .embed_cache import file_identity
+    from .io import resume as resume_mod
+    from .io import video as video_io
+    from .io.embed_cache import file_identity
 
     cond = encode_job(model, job, args, embed_cache)
     state_file = resume_mod.state_path_for(job.output_path)
@@ -353,7 +353,7 @@ def summarize(results: Sequence[JobResult]) -> int:
 
 def build_model(args, model_cls=None):
     """Build the engine, load the weights where the plan puts them, adopt the plan."""
-    from . import model_loader
+    from .model import loader as model_loader
     return model_loader.build(args, model_cls)
 
 
@@ -369,7 +369,7 @@ def sampling_main(args, model_cls=None) -> int:
 
 def run_jobs(opts: argparse.Namespace, jobs: Sequence[Job]) -> int:
     """Entry for ``python -m scail_win.sample``: validated jobs, CLI options."""
-    from .model_loader import require_scail_code
+    from .model.loader import require_scail_code
 
     require_scail_code()
     if getattr(opts, "smoke", False):
@@ -379,7 +379,7 @@ def run_jobs(opts: argparse.Namespace, jobs: Sequence[Job]) -> int:
 
 def _run_cli_jobs(opts: argparse.Namespace, jobs: Sequence[Job]) -> List[JobResult]:
     from . import arguments
-    from .prefetch import prefetch_weights
+    from .weights.prefetch import prefetch_weights
 
     # Before the imports and set-up below: the weights stream in meanwhile.
     prefetch_weights(opts.weights)
@@ -390,7 +390,7 @@ def _run_cli_jobs(opts: argparse.Namespace, jobs: Sequence[Job]) -> List[JobResu
 
 
 def run_smoke(opts: argparse.Namespace, jobs: Sequence[Job]) -> int:
-    """``--smoke``: the whole pipeline on a tiny SCAIL with random weights (:mod:`scail_win.smoke`).
+    """``--smoke``: the whole pipeline on a tiny SCAIL with random weights (:mod:`scail_win.testing.smoke`).
 
     The model is written to a temporary folder at ``opts.resolution`` and
     ``opts.max_frames``, on the GPU if there is one; ``jobs`` run on it, or,
@@ -402,7 +402,7 @@ def run_smoke(opts: argparse.Namespace, jobs: Sequence[Job]) -> int:
 
     import torch
 
-    from . import smoke
+    from .testing import smoke
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     height, width = opts.resolution
@@ -417,7 +417,7 @@ def run_smoke(opts: argparse.Namespace, jobs: Sequence[Job]) -> int:
         run_opts = copy.copy(opts)
         run_opts.base, run_opts.weights = [setup.config], setup.weights
         # Its files are tiny on purpose: the weights check's size warnings say nothing here.
-        weights_log = logging.getLogger("scail_win.weights")
+        weights_log = logging.getLogger("scail_win.weights.checkpoint")
         level = weights_log.level
         weights_log.setLevel(logging.ERROR)
         try:
@@ -436,7 +436,7 @@ def run_smoke(opts: argparse.Namespace, jobs: Sequence[Job]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """``python sample_video.py --base ...`` in a SCAIL checkout, run as scail-win."""
     from . import arguments
-    from .cli_support import run_cli, setup_logging
+    from .cli.support import run_cli, setup_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv

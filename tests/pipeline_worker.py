@@ -57,7 +57,7 @@ def upstream_engine(scail_root: Path, args, checkpoint: Path):
     """Upstream's SATVideoDiffusionEngine (loaded from its file) with the smoke DiT's weights."""
     from omegaconf import OmegaConf
 
-    from scail_win import weights
+    from scail_win.weights import checkpoint as weights
 
     spec = importlib.util.spec_from_file_location("upstream_diffusion_video", scail_root / "diffusion_video.py")
     module = importlib.util.module_from_spec(spec)
@@ -81,9 +81,12 @@ def main(scail_root: Path, setup_dir: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from sgm.modules.diffusionmodules.sampling import RFSampler
 
-    from scail_win import arguments, prefetch, resume, sample_video, smoke
-    from scail_win.embed_cache import EmbedCache
-    from scail_win.jobs import Job, validate_job
+    from scail_win import arguments, sample_video
+    from scail_win.weights import prefetch
+    from scail_win.io import resume
+    from scail_win.testing import smoke
+    from scail_win.io.embed_cache import EmbedCache
+    from scail_win.io.jobs import Job, validate_job
 
     records = Records()
     logging.getLogger("scail_win").addHandler(records)

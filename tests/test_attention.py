@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scail_win import attention
+from scail_win.model.kernels import attention
 from scail_win.errors import UserError
 
 
@@ -58,7 +58,7 @@ def test_requested_backend_flag_env_and_errors(monkeypatch):
 
 
 def test_auto_on_the_cpu_is_sdpa_and_logged_once(caplog):
-    with caplog.at_level(logging.INFO, logger="scail_win.attention"):
+    with caplog.at_level(logging.INFO, logger="scail_win.model.kernels.attention"):
         backend = attention.select_backend("auto", "cpu", torch.bfloat16)
         again = attention.select_backend("auto", "cpu", torch.bfloat16)
     assert backend is again and backend.name == "sdpa" and "cpu" in backend.reason
@@ -176,7 +176,7 @@ def test_a_chosen_kernel_hands_unsupported_calls_to_sdpa(caplog):
 
     backend = attention.Backend("sage", "test", kernel)
     q, k, v = qkv(dtype=torch.bfloat16)
-    with caplog.at_level(logging.INFO, logger="scail_win.attention"):
+    with caplog.at_level(logging.INFO, logger="scail_win.model.kernels.attention"):
         assert torch.equal(backend(q, k, v), F.scaled_dot_product_attention(q, k, v))  # CPU tensors
         backend(q, k, v)
     assert not seen
@@ -213,7 +213,7 @@ def test_auto_on_this_gpu_matches_sdpa():
 
 
 def test_the_doctor_names_the_usable_kernels(monkeypatch):
-    from scail_win import doctor
+    from scail_win.cli import doctor
 
     def sageattn(*a, **k):
         raise AssertionError("the doctor only imports")

@@ -1,4 +1,4 @@
-"""scail_win.convert: streaming conversion, fp8, resume, refusals, the real CLI."""
+"""scail_win.weights.convert: streaming conversion, fp8, resume, refusals, the real CLI."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scail_win import convert
-from scail_win import weights as W
+from scail_win.weights import convert
+from scail_win.weights import checkpoint as W
 from weights_fixtures import (
     CLIP_PTH, DIT_PREFIX, SAT_PT, T5_PTH, VAE_PTH, TinyDiT, make_scail_folder, truncate,
 )
@@ -188,7 +188,7 @@ def test_conversion_peak_memory_is_bounded(tmp_path):
     driver = (
         "import json, re, sys\n"
         "import torch, safetensors, tqdm\n"
-        "from scail_win import convert\n"
+        "from scail_win.weights import convert\n"
         "def hwm():\n"
         "    return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
         "before = hwm()\n"

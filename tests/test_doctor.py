@@ -1,4 +1,4 @@
-"""scail_win.doctor: checks, text and JSON output, exit status, broken weights."""
+"""scail_win.cli.doctor: checks, text and JSON output, exit status, broken weights."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from scail_win import convert, doctor, host_memory
+from scail_win.weights import convert
+from scail_win.cli import doctor
+from scail_win.placement import host_memory
 from weights_fixtures import SAT_PT, T5_PTH, VAE_PTH, make_scail_folder, truncate
 
 REPO = Path(__file__).resolve().parents[1]

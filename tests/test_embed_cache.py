@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scail_win import embed_cache
-from scail_win.embed_cache import EmbedCache, default_cache_dir, file_identity
+from scail_win.io import embed_cache
+from scail_win.io.embed_cache import EmbedCache, default_cache_dir, file_identity
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_corrupt_entry_is_a_miss_with_a_warning(cache, weights, caplog, content)
         save_file({"other": torch.zeros(2)}, str(path))
     else:
         path.write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="scail_win.embed_cache"):
+    with caplog.at_level(logging.WARNING, logger="scail_win.io.embed_cache"):
         assert cache.get(key) is None
     assert "unreadable" in caplog.text
     cache.put(key, embedding(1))
@@ -90,7 +90,7 @@ def test_unwritable_cache_warns_and_goes_on(tmp_path, weights, caplog):
     blocker.write_text("x")
     cache = EmbedCache(blocker)
     key = cache.key("p", weights=weights, max_length=512, dtype=torch.bfloat16)
-    with caplog.at_level(logging.WARNING, logger="scail_win.embed_cache"):
+    with caplog.at_level(logging.WARNING, logger="scail_win.io.embed_cache"):
         assert cache.put(key, embedding()) is None
     assert "could not write" in caplog.text
     assert cache.get(key) is None

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from scail_win import fp8_linear, offload
-from scail_win.weights import FP8_MAX, dequantize, quantize_fp8, relative_error
+from scail_win.model.kernels import fp8_linear
+from scail_win.placement import offload
+from scail_win.weights.checkpoint import FP8_MAX, dequantize, quantize_fp8, relative_error
 
 FP8 = torch.float8_e4m3fn
 
@@ -115,7 +116,7 @@ def test_a_call_the_fp8_path_cannot_take_upcasts_and_says_why_once(caplog):
     hooks = fp8_linear.install_fp8_linears(model, names)
     hooks.use_scaled_mm = True  # as on a GPU with fp8 tensor cores; the inputs here are CPU tensors
     x = torch.randn(3, 32).to(torch.bfloat16)
-    with caplog.at_level(logging.INFO, logger="scail_win.fp8_linear"), torch.no_grad():
+    with caplog.at_level(logging.INFO, logger="scail_win.model.kernels.fp8_linear"), torch.no_grad():
         assert torch.equal(model(x), reference(x))
         model(x)
     lines = [r.getMessage() for r in caplog.records]
@@ -145,7 +146,7 @@ def test_install_and_remove_restore_the_modules():
 
 def test_plan_logs_one_line_why_it_is_off(caplog):
     model = make()
-    with caplog.at_level(logging.INFO, logger="scail_win.fp8_linear"):
+    with caplog.at_level(logging.INFO, logger="scail_win.model.kernels.fp8_linear"):
         assert fp8_linear.plan_fp8_matmul(model, "cpu", enabled=False, weights_fp8=True) == set()
         assert fp8_linear.plan_fp8_matmul(model, "cpu", enabled=True, weights_fp8=True) == set()
         assert fp8_linear.plan_fp8_matmul(model, "cuda", enabled=True, weights_fp8=False) == set()
@@ -183,7 +184,7 @@ def test_block_swap_keeps_the_hooked_weights_fp8_through_materialize():
 def test_checkpoint_weights_keep_fp8_for_named_weights(tmp_path):
     from safetensors.torch import save_file
 
-    from scail_win.weights import CheckpointWeights, open_state_dict
+    from scail_win.weights.checkpoint import CheckpointWeights, open_state_dict
 
     w = torch.randn(32, 16)
     q, scale = quantize_fp8(w)
@@ -259,7 +260,7 @@ def test_a_device_whose_division_cannot_write_e4m3_quantizes_through_float32(mon
 
     monkeypatch.setattr(torch, "div", div)
     monkeypatch.setattr(fp8_linear, "_fused_division", {})
-    with caplog.at_level(logging.INFO, logger="scail_win.fp8_linear"):
+    with caplog.at_level(logging.INFO, logger="scail_win.model.kernels.fp8_linear"):
         for _ in range(2):
             q, scale = fp8_linear.quantize_rows(x)
             assert torch.equal(q.view(torch.uint8), expected[0].view(torch.uint8)) and torch.equal(scale, expected[1])
@@ -268,7 +269,7 @@ def test_a_device_whose_division_cannot_write_e4m3_quantizes_through_float32(mon
 
 
 def test_the_memory_plan_counts_fp8_weights_at_one_byte():
-    from scail_win.model_loader import largest_group_gpu_bytes
+    from scail_win.model.loader import largest_group_gpu_bytes
 
     class Sat(nn.Module):  # the shape of a sat model: transformer.layers
         def __init__(self):

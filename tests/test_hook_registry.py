@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from scail_win.fp8_linear import install_fp8_linears
-from scail_win.hook_registry import RANKS, HookRegistry
-from scail_win.model_loader import _SplitCFG, place_dit
-from scail_win.offload import BlockSwap, scail_layer_groups
-from scail_win.step_cache import install_step_cache
+from scail_win.model.kernels.fp8_linear import install_fp8_linears
+from scail_win.placement.registry import RANKS, HookRegistry
+from scail_win.model.loader import _SplitCFG, place_dit
+from scail_win.placement.offload import BlockSwap, scail_layer_groups
+from scail_win.model.step_cache import install_step_cache
 from test_lean_layer import fp32_dit, install_lean_layers, make_inputs, run, scail
 from test_memory import Wrapper
 from test_offload import Doubled, halve, inputs, make_sat, snapshot
@@ -234,7 +234,7 @@ def test_placement_undo_leaves_later_hooks_on():
 @pytest.mark.parametrize("order", [("lean_layers", "block_swap", "step_cache"),
                                    ("step_cache", "block_swap", "lean_layers")])
 def test_lean_layers_stay_innermost_on_the_dit(fp32_dit, order):
-    from scail_win import offload
+    from scail_win.placement import offload
 
     inputs_ = make_inputs("fp32", 1)
     reference = run(fp32_dit, inputs_)

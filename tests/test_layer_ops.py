@@ -1,4 +1,4 @@
-"""scail_win.layer_ops: fused RMSNorm, LayerNorm + modulate and gated add against upstream's op chains.
+"""scail_win.model.kernels.layer_ops: fused RMSNorm, LayerNorm + modulate and gated add against upstream's op chains.
 
 The references are the chains of PyTorch ops SCAIL's layer runs (qk RMSNorm
 in float32, LayerNorm then ``x * (1 + scale) + shift``, ``x + gate * y``),
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scail_win import layer_ops
+from scail_win.model.kernels import layer_ops
 from scail_win.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ def test_backend_choice(monkeypatch):
 
 INTERPRETER_CHECK = """
 import torch, torch.nn.functional as F
-from scail_win import layer_ops_triton as k
+from scail_win.model.kernels import layer_ops_triton as k
 g = torch.Generator().manual_seed(0)
 for batch, tokens, n in ((2, 3, 100), (1, 2, 64)):
     x = torch.randn(batch, tokens, 3 * n, generator=g)[..., n:2 * n]  # strided, as q/k are

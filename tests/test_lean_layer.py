@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from scail_win.lean_layer import install_lean_layers, lean_activation_widths
+from scail_win.placement.lean_layer import install_lean_layers, lean_activation_widths
 
 MODEL_YAML = "configs/video_model/Wan2.1-i2v-14Bsc-pose-xc-latent.yaml"
 TINY = dict(num_layers=2, hidden_size=128, time_embed_dim=128, inner_hidden_size=256, num_attention_heads=2,
@@ -51,7 +51,8 @@ def scail():
     the sequence-parallel API SCAIL's sgm imports; the DiT needs the tree's
     copy.  Modules imported before are put back afterwards.
     """
-    from scail_win import arguments, hook, rope3d
+    from scail_win import arguments, hook
+    from scail_win.model.kernels import rope3d
 
     root = os.environ.get("SCAIL_ROOT")
     if not root or not (Path(root) / MODEL_YAML).is_file():
@@ -176,7 +177,7 @@ class ReferenceKernels:
     """layer_ops' kernel module, computed by its PyTorch references; counts the calls."""
 
     def __init__(self):
-        from scail_win import layer_ops
+        from scail_win.model.kernels import layer_ops
 
         self.ops = layer_ops
         self.calls = {"rms_norm": 0, "layer_norm_modulate": 0, "gated_add_": 0}
@@ -203,10 +204,10 @@ class ReferenceKernels:
 @pytest.mark.parametrize("dtype", ("fp32", "bf16"))
 def test_fused_layer_ops_path_equals_the_module_path(scail, dtype, monkeypatch):
     # Where Triton runs (CUDA), lean layers hand the qk norms, LayerNorm +
-    # modulate and gated adds to scail_win.layer_ops: the same math, fewer
+    # modulate and gated adds to scail_win.model.kernels.layer_ops: the same math, fewer
     # passes.  Here the kernels are the PyTorch references, so the outputs
     # must be equal, and every such op of every layer must go through them.
-    from scail_win import layer_ops
+    from scail_win.model.kernels import layer_ops
 
     # sat's LayerNorm on the CPU in bf16 ignores its eps (takes
     # F.layer_norm's 1e-5); on CUDA, where the fused path runs, it uses it.
@@ -279,7 +280,7 @@ def test_other_layer_variants(scail, variant):
 
 @pytest.mark.scail
 def test_composes_with_block_swap(fp32_dit):
-    from scail_win import offload
+    from scail_win.placement import offload
 
     inputs = make_inputs("fp32", 2)
     reference = run(fp32_dit, inputs)
@@ -303,8 +304,8 @@ def test_composes_with_block_swap(fp32_dit):
 
 @pytest.mark.scail
 def test_install_under_an_attached_swap(fp32_dit):
-    from scail_win import offload
-    from scail_win.hook_registry import HookRegistry
+    from scail_win.placement import offload
+    from scail_win.placement.registry import HookRegistry
 
     inputs = make_inputs("fp32", 1)
     reference = run(fp32_dit, inputs)
@@ -527,7 +528,7 @@ def test_estimate_formula():
 
 def test_importing_the_module_does_not_import_torch():
     # memory.py's planner imports the estimate on --help paths.
-    code = "import sys, scail_win.lean_layer; print('torch' in sys.modules)"
+    code = "import sys, scail_win.placement.lean_layer; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "SCAIL_WIN_DISABLE": "1"})
     assert result.stdout.strip() == "False"

@@ -1,4 +1,4 @@
-"""scail_win.lora: --lora parsing, every naming scheme, fused-qkv rows, every weight path, bad files.
+"""scail_win.weights.lora: --lora parsing, every naming scheme, fused-qkv rows, every weight path, bad files.
 
 The CPU model is a small stand-in with sat's names for everything SCAIL's DiT
 has that a LoRA can touch (fused qkv, cross-attention query / key_value,
@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from scail_win import lora as L
-from scail_win import weights as W
+from scail_win.weights import lora as L
+from scail_win.weights import checkpoint as W
 from scail_win.errors import UserError
-from scail_win.offload import BlockSwap, scail_layer_groups
+from scail_win.placement.offload import BlockSwap, scail_layer_groups
 
 H, FFN, TXT, CLIPW, LAYERS = 16, 32, 16, 8, 3
 
@@ -350,7 +350,7 @@ def test_unmatched_keys_are_reported(tmp_path, caplog):
     sd["diffusion_model.blocks.7.self_attn.q.lora_A.weight"] = torch.zeros(2, H)  # no such block
     sd["diffusion_model.blocks.7.self_attn.q.lora_B.weight"] = torch.zeros(H, 2)
     save_file(sd, str(path))
-    with caplog.at_level(logging.INFO, logger="scail_win.lora"):
+    with caplog.at_level(logging.INFO, logger="scail_win.weights.lora"):
         L.apply_loras(make_model(), [L.LoraSpec(path, 1.0)])
     text = caplog.text
     assert "3 keys match no layer" in text and "blocks.7.self_attn.q" in text
@@ -514,7 +514,7 @@ def test_the_loader_order_read_on_meta_then_merge_after_placement(tmp_path, bloc
     """model_loader.build's order: LoRAs read against the meta DiT, merged after load_into and place_dit."""
     from types import SimpleNamespace
 
-    from scail_win.model_loader import place_dit
+    from scail_win.model.loader import place_dit
 
     dit = tmp_path / "dit.safetensors"
     _write_checkpoint(make_model(), dit, fp8=False)
@@ -568,9 +568,10 @@ def test_name_map_covers_every_linear_of_scails_dit():
     """Built tiny from SCAIL's own class: every per-layer and top-level weight has a Wan name."""
     from omegaconf import OmegaConf
 
-    from scail_win import arguments, hook, rope3d
+    from scail_win import arguments, hook
+    from scail_win.model.kernels import rope3d
     from scail_win.diffusion_video import build_dit
-    from scail_win.smoke import TINY_DIT
+    from scail_win.testing.smoke import TINY_DIT
 
     root = Path(os.environ["SCAIL_ROOT"])
     # SCAIL's own sat and sgm, whatever `sat` was before (PyPI's lacks what SCAIL's sgm imports).

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from scail_win.errors import UserError
-from scail_win.memory import (
+from scail_win.placement.memory_plan import (
     GiB,
     DiTSpec,
     default_budget_bytes,
@@ -14,7 +14,7 @@ from scail_win.memory import (
     plan_memory,
     scail_specs,
 )
-from scail_win.model_spec import ModelSpec
+from scail_win.model.spec import ModelSpec
 
 PHASES = ("text", "clip", "vae_encode", "denoise", "vae_decode")
 
@@ -144,7 +144,7 @@ def test_blocks_on_gpu_override():
 
 def test_blocks_on_gpu_override_over_budget_warns(caplog):
     parts, dit = specs()
-    with caplog.at_level(logging.WARNING, logger="scail_win.memory"):
+    with caplog.at_level(logging.WARNING, logger="scail_win.placement.memory_plan"):
         plan = plan_memory(dit, budget_gb=6, blocks_on_gpu=20, **parts)
     assert plan.blocks_on_gpu == 20
     assert "over the 6.0 GiB budget" in caplog.text
@@ -205,7 +205,7 @@ class Wrapper(nn.Module):
 
 
 def test_the_dit_is_loaded_where_the_plan_keeps_it():
-    from scail_win.model_loader import dit_load_device
+    from scail_win.model.loader import dit_load_device
 
     parts, dit = specs()
     cuda = torch.device("cuda", 0)
@@ -223,8 +223,8 @@ def test_the_dit_is_loaded_where_the_plan_keeps_it():
 
 
 def test_split_cfg_runs_the_halves_in_turn_with_the_same_result():
-    from scail_win.hook_registry import HookRegistry
-    from scail_win.model_loader import _SplitCFG
+    from scail_win.placement.registry import HookRegistry
+    from scail_win.model.loader import _SplitCFG
 
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 3, generator=g), torch.randn(2, generator=g)

@@ -10,10 +10,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from scail_win import jobs, memory, model_loader, offload
+from scail_win.io import jobs
+from scail_win.placement import memory_plan as memory
+from scail_win.model import loader as model_loader
+from scail_win.placement import offload
 from scail_win.arguments import packaged_config_path
-from scail_win.model_spec import ModelSpec
-from scail_win.smoke import TINY_DIT
+from scail_win.model.spec import ModelSpec
+from scail_win.testing.smoke import TINY_DIT
 
 GiB = 1 << 30
 
@@ -295,7 +298,8 @@ _SCAIL_PACKAGES = ("sat", "sgm", "dit_video_crossattn_sc_xc")
 @pytest.mark.scail
 def test_counts_match_scails_dit():
     """SCAIL's DiT built tiny from upstream's config: its layer groups and the rest, as ModelSpec counts them."""
-    from scail_win import arguments, hook, rope3d
+    from scail_win import arguments, hook
+    from scail_win.model.kernels import rope3d
     from scail_win.diffusion_video import build_dit
 
     root = Path(os.environ["SCAIL_ROOT"])

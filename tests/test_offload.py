@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from scail_win.offload import (
+from scail_win.placement.offload import (
     BlockSwap,
     LayerGroup,
     groups_from_modulelists,

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from scail_win import sample_video
-from scail_win.hook_registry import HookRegistry
-from scail_win.memory import plan_memory
-from scail_win.model_loader import _SplitCFG
+from scail_win.placement.registry import HookRegistry
+from scail_win.placement.memory_plan import plan_memory
+from scail_win.model.loader import _SplitCFG
 from scail_win.phases import Phase
 from test_memory import specs
 from test_sample_loop import make_engine

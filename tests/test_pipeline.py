@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from scail_win import sample, smoke
+from scail_win import sample
+from scail_win.testing import smoke
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -109,7 +110,7 @@ def worker(runs):
 
 
 def read_frames(path):
-    from scail_win import video_io
+    from scail_win.io import video as video_io
 
     return video_io.read_video(path)[0]
 
@@ -128,7 +129,7 @@ def test_building_the_model_reads_its_weight_files_ahead(runs, worker):
 @pytest.mark.scail
 @pytest.mark.slow
 def test_smoke_cli_writes_the_video(runs):
-    from scail_win import video_io
+    from scail_win.io import video as video_io
 
     code, out, err = runs["cli"]
     assert code == 0, err[-3000:]

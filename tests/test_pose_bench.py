@@ -12,7 +12,7 @@ pytest.importorskip("onnx", reason="the stand-in models need the onnx package")
 
 import pose_models_fixtures as fx  # noqa: E402
 from PIL import Image  # noqa: E402
-from scail_win import video_io  # noqa: E402
+from scail_win.io import video as video_io  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pose.py"
 

@@ -14,7 +14,7 @@ pytest.importorskip("cv2", reason="the pose extra (opencv-python-headless) is no
 
 import pose_models_fixtures as fx  # noqa: E402
 from PIL import Image  # noqa: E402
-from scail_win import video_io  # noqa: E402
+from scail_win.io import video as video_io  # noqa: E402
 from scail_win.__main__ import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,12 +1,12 @@
-"""scail_win.prefetch: the background read of weight files into the OS file cache."""
+"""scail_win.weights.prefetch: the background read of weight files into the OS file cache."""
 
 import json
 import threading
 
 import pytest
 
-from scail_win import prefetch
-from scail_win import weights as W
+from scail_win.weights import prefetch
+from scail_win.weights import checkpoint as W
 
 BIG = 1 << 40  # more RAM than any test file needs
 

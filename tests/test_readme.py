@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from scail_win import arguments, convert, doctor, hook, sample
+from scail_win import arguments, hook, sample
+from scail_win.weights import convert
+from scail_win.cli import doctor
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -62,7 +64,7 @@ def test_documented_convert_doctor_hook_flags_exist(capsys):
 
 def test_documented_environment_variables_are_read_by_the_code():
     names = set(re.findall(r"\bSCAIL_(?:WIN_)?[A-Z]+\b", README))
-    files = [*(REPO / "scail_win").glob("*.py"), REPO / "tests" / "conftest.py", *(REPO / "scripts").glob("*.*")]
+    files = [*(REPO / "scail_win").rglob("*.py"), REPO / "tests" / "conftest.py", *(REPO / "scripts").glob("*.*")]
     source = "\n".join(p.read_text(encoding="utf-8-sig") for p in files)
     read = set(re.findall(r"\bSCAIL_(?:WIN_)?[A-Z]+\b", source))
     assert names and names <= read, f"README documents {names - read}, which nothing reads"

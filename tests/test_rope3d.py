@@ -1,4 +1,4 @@
-"""scail_win.rope3d: the fused 3D RoPE against upstream's formula and mixin.
+"""scail_win.model.kernels.rope3d: the fused 3D RoPE against upstream's formula and mixin.
 
 The references build upstream's full (T, H, W, head_dim) tables and rotate
 the reference, video and pose segments separately, as the mixin does: in
@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scail_win import rope3d, rotary
+from scail_win import rotary
+from scail_win.model.kernels import rope3d
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

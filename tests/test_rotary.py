@@ -162,7 +162,7 @@ def test_imports_without_triton_and_serves_sat():
 import importlib.util, sys
 sys.modules["triton"] = None  # as on Windows: import triton raises ImportError
 import torch, scail_win.rotary
-assert "scail_win.rotary_triton" not in sys.modules
+assert "scail_win.model.kernels.rotary_triton" not in sys.modules
 if importlib.util.find_spec("sat") is None:
     print("ok (no sat)")
     raise SystemExit

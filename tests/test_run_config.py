@@ -334,7 +334,8 @@ def test_upstream_args_equal_the_former_command_line_round_trip(tmp_path):
 
 
 def test_the_resume_fingerprint_settings_are_the_non_default_numerics_and_the_loras(tmp_path):
-    from scail_win import lora, sample_video
+    from scail_win import sample_video
+    from scail_win.weights import lora
 
     assert sample_video.numerics_settings(argparse.Namespace()) == {}
     assert sample_video.numerics_settings(argparse.Namespace(sampler="euler", attention="auto", step_cache=0.0,

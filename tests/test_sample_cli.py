@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scail_win import jobs, sample
+from scail_win import sample
+from scail_win.io import jobs
 from scail_win.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -415,7 +416,7 @@ def test_errors_from_the_run_map_to_exit_codes(tmp_path, base, monkeypatch, caps
 def test_limits_from_config(tmp_path):
     from omegaconf import OmegaConf
 
-    from scail_win.model_spec import ModelSpec
+    from scail_win.model.spec import ModelSpec
 
     limits = jobs.ModelLimits.from_spec(ModelSpec.from_config(OmegaConf.create(BASE_YAML)))
     assert limits == jobs.ModelLimits(max_frames=81, frame_group=4, size_multiple=32, max_height=2400,
@@ -445,6 +446,6 @@ def test_upstream_configs_give_upstream_limits():
 
     config = load_config(paths)
     assert jobs.config_resolution(config) == (512, 896)
-    from scail_win.model_spec import ModelSpec
+    from scail_win.model.spec import ModelSpec
 
     assert jobs.ModelLimits.from_spec(ModelSpec.from_config(config)) == jobs.ModelLimits()

@@ -6,7 +6,7 @@ import torch
 
 from scail_win import sample_video
 from scail_win.errors import UserError
-from scail_win.jobs import Job
+from scail_win.io.jobs import Job
 from scail_win.phases import Phase
 
 

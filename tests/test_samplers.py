@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scail_win import resume, samplers
+from scail_win import samplers
+from scail_win.io import resume
 from scail_win.errors import UserError
 
 STEP_COUNTS = (8, 16, 32, 64)

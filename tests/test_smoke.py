@@ -1,4 +1,4 @@
-"""scail_win.smoke's file writing (the rest of the smoke setup runs in test_pipeline)."""
+"""scail_win.testing.smoke's file writing (the rest of the smoke setup runs in test_pipeline)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scail_win import smoke
+from scail_win.testing import smoke
 from scail_win.errors import UserError
 
 

@@ -16,8 +16,8 @@ from torch import nn
 from test_lean_layer import make_dit, make_inputs, scail  # noqa: F401 -- scail is a fixture
 
 from scail_win.errors import UserError
-from scail_win.offload import BlockSwap, scail_layer_groups
-from scail_win.step_cache import StepCache, install_step_cache, step_cache_threshold
+from scail_win.placement.offload import BlockSwap, scail_layer_groups
+from scail_win.model.step_cache import StepCache, install_step_cache, step_cache_threshold
 
 D = 16
 
@@ -353,7 +353,7 @@ def test_cpu_storage_gives_the_device_storage_result():
 
 @pytest.mark.parametrize("storage", ["device", "cpu"])
 def test_chunked_arithmetic_gives_the_one_chunk_result(storage, monkeypatch):
-    from scail_win import step_cache
+    from scail_win.model import step_cache
 
     xs, emb = trajectory(12, 0.01)
     results = []
@@ -469,7 +469,7 @@ def test_sequence_parallel_processes_decide_together(tmp_path):
 
 @pytest.mark.scail
 def test_scail_dit_with_lean_layers_and_block_swap(scail):
-    from scail_win.lean_layer import install_lean_layers
+    from scail_win.placement.lean_layer import install_lean_layers
 
     dit = make_dit(scail, num_layers=3)
     base = make_inputs("fp32", 1)

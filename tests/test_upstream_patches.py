@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from scail_win import doctor
+from scail_win.cli import doctor
 from scail_win.upstream import patches, versions
 from scail_win.upstream.patches import REGISTRY, Patch, PatchTargetMissing
 

@@ -1,4 +1,4 @@
-"""Tests for scail_win.vae_tiling: a toy causal conv VAE on the CPU, and
+"""Tests for scail_win.model.vae_tiling: a toy causal conv VAE on the CPU, and
 upstream's WanVAE (tiny, random weights) when SCAIL_ROOT names a SCAIL tree."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scail_win import vae_tiling
+from scail_win.model import vae_tiling
 from scail_win.errors import UserError
-from scail_win.vae_tiling import (blend_weights, estimate_peak_bytes, needs_tiling, pick_tile_px,
+from scail_win.model.vae_tiling import (blend_weights, estimate_peak_bytes, needs_tiling, pick_tile_px,
                                   tile_spans, tiled_decode, tiled_decode_with, tiled_encode,
                                   tiled_encode_with)
 

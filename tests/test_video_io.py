@@ -1,4 +1,4 @@
-"""scail_win.video_io: PyAV/Pillow I/O, upstream's resize-crop, atomic output."""
+"""scail_win.io.video: PyAV/Pillow I/O, upstream's resize-crop, atomic output."""
 
 import os
 from fractions import Fraction
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from scail_win import video_io
+from scail_win.io import video as video_io
 from scail_win.errors import UserError
 
 ODD_FOLDER = "clip dir ü 日本"
@@ -148,7 +148,7 @@ def test_read_image_keeps_stored_orientation_and_warns_about_exif(tmp_path, capl
     exif[0x0112] = 6  # "rotate 90 CW to display"
     path = tmp_path / "ref.jpg"
     Image.fromarray(rgb).save(path, exif=exif, quality=95)
-    with caplog.at_level("WARNING", logger="scail_win.video_io"):
+    with caplog.at_level("WARNING", logger="scail_win.io.video"):
         image = video_io.read_image(path)
     assert tuple(image.shape) == (1, 3, 20, 30)  # not rotated, as upstream
     assert "EXIF" in caplog.text

@@ -1,4 +1,4 @@
-"""scail_win.weights: safetensors writing and checks, safe .pt reading, fp8, load_into."""
+"""scail_win.weights.checkpoint: safetensors writing and checks, safe .pt reading, fp8, load_into."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from scail_win import weights as W
+from scail_win.weights import checkpoint as W
 from scail_win.errors import UserError
 from weights_fixtures import DIT_PREFIX, SAT_PT, TinyDiT, deepspeed_extras, make_scail_folder, randomize_, truncate
 
@@ -425,8 +425,8 @@ def test_checkpoint_weights_streams_fp8_and_upcasts_on_device(tmp_path):
 
 
 def test_block_swap_streams_from_the_file(tmp_path):
-    from scail_win.convert import convert_checkpoint
-    from scail_win.offload import BlockSwap, groups_from_modulelists
+    from scail_win.weights.convert import convert_checkpoint
+    from scail_win.placement.offload import BlockSwap, groups_from_modulelists
 
     class Net(nn.Module):
         def __init__(self):

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
-from scail_win.cli_support import HelpFormatter, run_cli, setup_logging
+from scail_win.cli.support import HelpFormatter, run_cli, setup_logging
 
 log = logging.getLogger("scail_win")
 

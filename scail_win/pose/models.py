@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from scail_win.embed_cache import default_cache_dir
+from scail_win.io.embed_cache import default_cache_dir
 from scail_win.errors import UserError
 
 ENV_VAR = "SCAIL_WIN_POSE_MODELS"

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from scail_win import video_io
+from scail_win.io import video as video_io
 from scail_win.errors import UserError
 from scail_win.pose import align, detect, extras, models, nlf
 

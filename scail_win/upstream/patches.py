@@ -145,7 +145,7 @@ def _cpu_device(installed):
 
 
 def _single_process_mixin(installed):
-    from ..attention import make_single_process_mixin_class
+    from ..model.kernels.attention import make_single_process_mixin_class
     return make_single_process_mixin_class()
 
 
@@ -154,7 +154,7 @@ def _norm(path) -> str:
 
 
 def _mapped_torch_load(installed, files: Dict[str, Path]):
-    from .. import weights
+    from ..weights import checkpoint as weights
 
     original = installed.original
     mapping = {_norm(k): Path(v) for k, v in files.items()}

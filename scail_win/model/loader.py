@@ -10,7 +10,7 @@ Order of work, and why:
    second copy in RAM; fp8 layers that will be swapped stay fp8 in the file
    and are upcast on the GPU per layer;
 3. lean layers, the block swap and split CFG are installed as the plan asks,
-   each a named hook in its module's :class:`~scail_win.hook_registry.HookRegistry`
+   each a named hook in its module's :class:`~scail_win.placement.registry.HookRegistry`
    (the step cache and fp8 linears too), which keeps their order and undoes any one;
 4. T5, CLIP and the VAE are built later, on first use, through
    :func:`component_weights`, which reads their files safely and
@@ -27,10 +27,10 @@ from typing import Dict, Iterator
 import torch
 from torch import nn
 
-from . import run_config
-from .errors import UserError
-from .hook_registry import FORWARD, HookRegistry
-from .phases import Phase
+from .. import run_config
+from ..errors import UserError
+from ..placement.registry import FORWARD, HookRegistry
+from ..phases import Phase
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,14 @@ def component_weights(files: Dict[str, Path]) -> Iterator[None]:
 
     Upstream's component classes call ``torch.load`` on the paths in the
     config and ``load_state_dict`` into weights built on the CPU. Inside this
-    block those reads go through :func:`scail_win.weights.open_state_dict`
+    block those reads go through :func:`scail_win.weights.checkpoint.open_state_dict`
     (no arbitrary unpickling, memory-mapped, safetensors or ``.pt``), and
     ``load_state_dict`` assigns the mapped tensors (cast to the parameter's
     dtype where it differs) instead of copying into a second full copy.
     Parameters are created in bf16 so a 5.7 B-parameter T5 is never laid out
     in fp32 first.
     """
-    from .upstream.patches import ASSIGNING_LOAD_STATE_DICT, MAPPED_TORCH_LOAD
+    from ..upstream.patches import ASSIGNING_LOAD_STATE_DICT, MAPPED_TORCH_LOAD
 
     original_dtype = torch.get_default_dtype()
     with MAPPED_TORCH_LOAD.applied(files), ASSIGNING_LOAD_STATE_DICT.applied():
@@ -113,9 +113,10 @@ def make_plan(args, dit: nn.Module, device: torch.device, host_bytes_per_param: 
     ``dit`` was built from. ``fp8_on_gpu``: names of the weights that stay
     fp8 on the GPU (fp8 matmul), one byte a parameter there.
     """
-    from . import memory, offload
-    from .host_memory import available_ram
-    from .model_spec import ModelSpec
+    from ..placement import memory_plan as memory
+    from ..placement import offload
+    from ..placement.host_memory import available_ram
+    from .spec import ModelSpec
 
     config = run_config.of(args)
     memory_options = config.memory
@@ -216,12 +217,12 @@ class DiTPlacement:
 
 def place_dit(dit: nn.Module, plan, device: torch.device, weight_source=None) -> DiTPlacement:
     """Lean layers and the block swap on ``dit`` as ``plan`` asks (nothing when it fits as is)."""
-    from . import offload
+    from ..placement import offload
 
     placement = DiTPlacement(dit)
     if plan is None:
         return placement
-    from .lean_layer import install_lean_layers
+    from ..placement.lean_layer import install_lean_layers
     try:
         install_lean_layers(dit, plan.layer_chunk_tokens)
     except ValueError as exc:
@@ -238,7 +239,7 @@ def place_dit(dit: nn.Module, plan, device: torch.device, weight_source=None) ->
 def apply_memory_plan(engine, plan, device: torch.device, weight_source=None) -> DiTPlacement:
     """Place the engine's DiT per ``plan``: resident or block-swapped, lean layers, split CFG.
 
-    ``weight_source`` (a :class:`scail_win.weights.CheckpointWeights`) feeds
+    ``weight_source`` (a :class:`scail_win.weights.checkpoint.CheckpointWeights`) feeds
     the block swap straight from the checkpoint file (fp8 stays fp8 until the
     GPU). Without a plan the whole DiT moves to ``device``.
     """
@@ -262,8 +263,9 @@ def apply_memory_plan(engine, plan, device: torch.device, weight_source=None) ->
 
 def build(args, model_cls=None):
     """The engine for ``args`` with its weights loaded, its memory plan applied and ``args.lora`` merged."""
-    from . import lora, weights
-    from .diffusion_video import SATVideoDiffusionEngine
+    from ..weights import lora
+    from ..weights import checkpoint as weights
+    from ..diffusion_video import SATVideoDiffusionEngine
 
     if model_cls is not None and model_cls is not SATVideoDiffusionEngine:
         log.info("using scail-win's SATVideoDiffusionEngine in place of %s", getattr(model_cls, "__name__", model_cls))
@@ -273,7 +275,7 @@ def build(args, model_cls=None):
     load = getattr(args, "load", None)
     layout = weights.ensure_weights(run_config.of(args).io.weights or Path(load).parent) if load else None
     if layout is not None:
-        from .prefetch import load_order, prefetch_files
+        from ..weights.prefetch import load_order, prefetch_files
 
         prefetch_files(load_order(layout))  # a no-op for files the CLI queued already
 
@@ -284,7 +286,7 @@ def build(args, model_cls=None):
     specs = lora.specs_from_args(args)
     loras = lora.read_loras(dit, specs) if specs else None
     fp8 = layout is not None and (layout.dit_dtype or "").startswith("fp8")
-    from . import fp8_linear
+    from .kernels import fp8_linear
 
     fp8_matmul = fp8_linear.plan_fp8_matmul(dit, device, run_config.of(args).numerics.fp8_matmul, fp8)
     plan = make_plan(args, dit, device, host_bytes_per_param=1 if fp8 else 2, fp8_on_gpu=frozenset(fp8_matmul))
@@ -353,7 +355,7 @@ def dit_load_device(plan, device: torch.device):
 
 def _swapped_names(dit: nn.Module, plan) -> set:
     """Names of the DiT tensors the plan swaps (they stay fp8 in the file)."""
-    from . import offload
+    from ..placement import offload
 
     if plan is None or plan.blocks_on_gpu >= plan.num_layers:
         return set()

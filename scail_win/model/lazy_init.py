@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .upstream.patches import META_PARAMETERS, SKIP_INIT, all_applied
+from ..upstream.patches import META_PARAMETERS, SKIP_INIT, all_applied
 
 
 def skip_init() -> contextlib.AbstractContextManager:

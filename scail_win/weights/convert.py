@@ -27,7 +27,7 @@ from pathlib import Path
 
 from scail_win import __version__
 from scail_win.errors import UserError
-from scail_win.weights import (
+from scail_win.weights.checkpoint import (
     CONVERTED_FILES,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -316,7 +316,7 @@ def convert_folder(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from scail_win.cli_support import HelpFormatter
+    from scail_win.cli.support import HelpFormatter
 
     p = argparse.ArgumentParser(
         prog="scail-win convert", formatter_class=HelpFormatter,
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scail_win.cli_support import run_cli, setup_logging
+    from scail_win.cli.support import run_cli, setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(quiet=args.quiet, debug=args.debug)

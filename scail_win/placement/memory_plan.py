@@ -7,23 +7,23 @@ decode.  :func:`plan_memory` decides, in order of cost:
 
 * DiT weights: all layers resident if everything fits; otherwise
   ``blocks_on_gpu`` resident layer groups and the rest swapped through the
-  GPU by :class:`scail_win.offload.BlockSwap` (``1 + prefetch`` swapped
+  GPU by :class:`scail_win.placement.offload.BlockSwap` (``1 + prefetch`` swapped
   groups on the GPU at a time; ``prefetch`` drops to 0 only as a last
   resort, which costs the copy/compute overlap, a few percent on consumer
   cards).
 * DiT activations: first run every per-token stage of each layer in token
-  chunks (:mod:`scail_win.lean_layer`: projections, qk-norms, cross-attention
+  chunks (:mod:`scail_win.placement.lean_layer`: projections, qk-norms, cross-attention
   and FFN a chunk at a time, RoPE and residual adds in place), then run the
   two CFG halves one after the other (``cfg_split``), which halves every
   activation.
 * umT5 on the GPU, block-swapped, or on the CPU; CLIP on the GPU; the VAE
-  on the GPU, tiled (sizes from :mod:`scail_win.vae_tiling`'s fitted
+  on the GPU, tiled (sizes from :mod:`scail_win.model.vae_tiling`'s fitted
   estimate) when a whole frame does not fit.
 
 Activation sizes are modelled in "widths": one (tokens x hidden) tensor in
 the activation dtype, which at 512x896x81 (48,832 tokens per sample, hidden
 5120, bf16) is 0.47 GiB.  How many widths are live at a lean layer's peak
-comes from :func:`scail_win.lean_layer.lean_activation_widths` (derived
+comes from :func:`scail_win.placement.lean_layer.lean_activation_widths` (derived
 from its buffers, checked against measured peaks), times ``ACT_SAFETY``,
 plus attention's log-sum-exp and the PyTorch RoPE path's working set.
 T5/CLIP costs come from measured peaks (see ``scail_specs``).
@@ -39,8 +39,8 @@ import math
 from dataclasses import dataclass, field
 
 from scail_win.errors import UserError
-from scail_win.model_spec import ModelSpec
-from scail_win.vae_tiling import WAN_SPATIAL_FACTOR
+from scail_win.model.spec import ModelSpec
+from scail_win.model.vae_tiling import WAN_SPATIAL_FACTOR
 from scail_win.phases import Phase
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class MemoryPlan:
 
     def vae_tile_kwargs_for(self, op: str) -> dict:
         """Keyword arguments for ``vae_tiling.tiled_encode``/``tiled_decode`` (``op``: encode/decode)."""
-        from scail_win.vae_tiling import DEFAULT_OVERLAP_PX
+        from scail_win.model.vae_tiling import DEFAULT_OVERLAP_PX
 
         tile = {"encode": self.vae_encode_tile_px, "decode": self.vae_decode_tile_px}[op]
         if tile is None:
@@ -252,7 +252,7 @@ def scail_specs(
 
 def dit_activation_bytes(spec: DiTSpec, batch: int, chunk: int | None) -> int:
     """Peak activation bytes of one lean DiT layer call with ``batch`` samples."""
-    from scail_win.lean_layer import lean_activation_widths
+    from scail_win.placement.lean_layer import lean_activation_widths
 
     n = spec.tokens_per_sample
     widths = lean_activation_widths(chunk, n, spec.hidden, spec.ffn, batch)
@@ -329,7 +329,7 @@ def plan_memory(
     if blocks_on_gpu is not None and not (isinstance(blocks_on_gpu, int) and 0 <= blocks_on_gpu <= layers):
         raise UserError(f"--blocks-on-gpu must be a whole number from 0 to {layers}, got {blocks_on_gpu}")
 
-    from scail_win import vae_tiling
+    from scail_win.model import vae_tiling
 
     peaks: dict[Phase, int] = {}
     # Text encoder.

@@ -86,7 +86,7 @@ def prefetch_files(paths: Iterable, *, available: Optional[int] = None) -> Optio
     if disabled_by_env():
         return None
     if available is None:
-        from .host_memory import available_ram
+        from ..placement.host_memory import available_ram
 
         available = available_ram()
     if not available:
@@ -120,8 +120,8 @@ def prefetch_weights(root, *, available: Optional[int] = None) -> Optional[Prefe
 
     Never raises: a folder that cannot be read is the loader's to report.
     """
-    from .errors import UserError
-    from .weights import find_weights
+    from ..errors import UserError
+    from .checkpoint import find_weights
 
     try:
         layout = find_weights(root)
@@ -131,5 +131,5 @@ def prefetch_weights(root, *, available: Optional[int] = None) -> Optional[Prefe
 
 
 def load_order(layout) -> list:
-    """A :class:`scail_win.weights.WeightsLayout`'s files in the order a run loads them."""
+    """A :class:`scail_win.weights.checkpoint.WeightsLayout`'s files in the order a run loads them."""
     return [layout.dit, layout.t5, layout.clip, layout.vae]

@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ token, but a chunk of tokens at a time wherever the work is per token:
 2. RoPE on the whole q and k, in place (scail-win's fused RoPE mixin is told
    to rotate in place while lean layers are installed);
 3. attention over the whole sequence through the model's ``attention_fn``
-   hook (the ``--attention`` kernel, :mod:`scail_win.attention`; none keeps
+   hook (the ``--attention`` kernel, :mod:`scail_win.model.kernels.attention`; none keeps
    tokens x tokens temporaries); q, k, v are freed;
 4. for each chunk: output projection and gated residual add, cross-attention
    (text and CLIP keys/values are projected once per layer; only the
@@ -31,7 +31,7 @@ token, but a chunk of tokens at a time wherever the work is per token:
 Every per-token operation is the module upstream calls (the layer's own
 LayerNorms, RMSNorms, linears and MLP), so per token the result is what
 upstream computes.  On CUDA with Triton, the qk RMSNorms, the LayerNorm +
-modulate pairs and the gated residual adds run as :mod:`scail_win.layer_ops`'
+modulate pairs and the gated residual adds run as :mod:`scail_win.model.kernels.layer_ops`'
 fused kernels instead, which round where upstream's ops round (their float32
 sums over a row are ordered differently: last-bit differences).  Bitwise
 equality holds where the kernels are row-independent; a matrix multiply may
@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Optional
 
-from .hook_registry import LAYER_FORWARD, HookRegistry
+from .registry import LAYER_FORWARD, HookRegistry
 
 if TYPE_CHECKING:
     from torch import nn
@@ -162,7 +162,7 @@ def _fusable_layer_norm(norm) -> bool:
 def _norm_modulate(norm, rows, shift, one_plus_scale, fused):
     """``norm(rows) * one_plus_scale + shift``, in one kernel where layer_ops can."""
     if fused and _fusable_layer_norm(norm):
-        from scail_win import layer_ops
+        from scail_win.model.kernels import layer_ops
 
         return layer_ops.layer_norm_modulate(rows, shift, one_plus_scale, norm.eps, norm.weight, norm.bias)
     return _modulate(norm(rows), shift, one_plus_scale)
@@ -171,7 +171,7 @@ def _norm_modulate(norm, rows, shift, one_plus_scale, fused):
 def _rms_norm(norm, x, fused, out=None):
     """``norm(x)``, written into ``out`` when given; one kernel where layer_ops can."""
     if fused and _fusable_rms_norm(norm):
-        from scail_win import layer_ops
+        from scail_win.model.kernels import layer_ops
 
         weight = norm.weight if norm.elementwise_affine else None
         return layer_ops.rms_norm(x, weight, norm.variance_epsilon, out=out)
@@ -183,7 +183,7 @@ def _rms_norm(norm, x, fused, out=None):
 
 def _gated_add_(rows, gate, update, fused):
     if fused:
-        from scail_win import layer_ops
+        from scail_win.model.kernels import layer_ops
 
         layer_ops.gated_add_(rows, gate, update)
     else:
@@ -318,7 +318,7 @@ class LeanLayers:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         spans = _spans(hidden_states.shape[1], self._chunk_tokens)
         layer = self.transformer.layers[layer_id]
-        from scail_win import layer_ops
+        from scail_win.model.kernels import layer_ops
 
         fused = layer_ops.select_backend(hidden_states) == "triton"
         with torch.no_grad():

@@ -10,7 +10,7 @@ per operation picks the implementation (:func:`select_backend`).
 
 All tensors are (batch, tokens, features) with unit feature stride; the
 modulation tensors (shift, scale, gate) are (batch or 1, 1, features), as
-the AdaLN mixin makes them.  :mod:`scail_win.lean_layer` calls these.
+the AdaLN mixin makes them.  :mod:`scail_win.placement.lean_layer` calls these.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from scail_win.kernel_backend import KernelBackend
+from scail_win.model.kernels.kernel_backend import KernelBackend
 
-BACKEND = KernelBackend("SCAIL_WIN_LAYER_OPS", "scail_win.layer_ops_triton", "layer norms")
+BACKEND = KernelBackend("SCAIL_WIN_LAYER_OPS", "scail_win.model.kernels.layer_ops_triton", "layer norms")
 BACKEND_ENV = BACKEND.env
 # One row lives in registers; wider rows go to PyTorch.
 TRITON_MAX_FEATURES = 16384

@@ -396,7 +396,7 @@ class BlockSwap:
 
     def attach(self) -> BlockSwap:
         """Place the model and install the triggers (``block_swap`` in its :class:`HookRegistry`)."""
-        from .hook_registry import HookRegistry
+        from .registry import HookRegistry
 
         if self.attached:
             raise RuntimeError("BlockSwap is already attached")
@@ -525,7 +525,7 @@ class BlockSwap:
                     done.add(id(m))
                     self._handles.append(m.register_forward_pre_hook(functools.partial(self._pre_hook, gi)))
 
-        from .hook_registry import LAYER_FORWARD
+        from .registry import LAYER_FORWARD
 
         hooks = getattr(self.model, "hooks", None)
         self._by_layer = {g.index: gi for gi, g in enumerate(self.groups) if g.index is not None}
@@ -670,7 +670,7 @@ class BlockSwap:
 
     def detach(self) -> None:
         """Remove the hooks and put every tensor back on its original device and dtype."""
-        from .hook_registry import HookRegistry
+        from .registry import HookRegistry
 
         if self.attached:
             HookRegistry.of(self.model).remove(self.name)

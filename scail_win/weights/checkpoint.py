@@ -1086,14 +1086,14 @@ def load_into(
 
 
 class CheckpointWeights:
-    """A checkpoint file as the block swap's weight source (scail_win.offload).
+    """A checkpoint file as the block swap's weight source (scail_win.placement.offload).
 
     ``master_for`` hands out the file's memory-mapped tensors as CPU
     masters, so fp8 weights stay fp8 in RAM and over PCIe; ``materialize``
     (pass it to BlockSwap too) makes the device copy and upcasts fp8 there
     with its scale to ``dtype`` (default bf16) -- except the weights
     ``keep_fp8(name)`` names, which arrive in fp8 for
-    :mod:`scail_win.fp8_linear` -- and copies other tensors as stored.  ``name`` is the tensor's name in the swapped model; the
+    :mod:`scail_win.model.kernels.fp8_linear` -- and copies other tensors as stored.  ``name`` is the tensor's name in the swapped model; the
     checkpoint key is ``prefix + name``.  Tensors the file lacks (such as
     the fp8 scale buffers :func:`load_into` registers) come from the model.
 

@@ -2,7 +2,7 @@
 
 One line per check, OK / WARN / FAIL with the fix in a few words; exit
 status 1 when anything FAILs.  ``--json`` prints the same as JSON.  The
-weights checks are the loader's own (:func:`scail_win.weights.verify_weights_dir`).
+weights checks are the loader's own (:func:`scail_win.weights.checkpoint.verify_weights_dir`).
 Nothing here needs a GPU, deepspeed, triton or psutil; missing pieces are
 reported, never raised.
 """
@@ -22,11 +22,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from scail_win import host_memory
+from scail_win.placement import host_memory
 from scail_win.hook import find_scail_root as find_scail_root_from, is_scail_tree
 from scail_win.upstream import patches, versions
 from scail_win.upstream.versions import git_head
-from scail_win.weights import detect_layout, human_bytes, verify_weights_dir
+from scail_win.weights.checkpoint import detect_layout, human_bytes, verify_weights_dir
 
 GIB = 2**30
 MIN_TORCH = (2, 1)
@@ -176,7 +176,7 @@ def check_optional() -> list[Check]:
 def check_attention() -> Check:
     """Which ``--attention`` kernels import here (the GPU probe runs with the first sample)."""
     try:
-        from scail_win import attention
+        from scail_win.model.kernels import attention
         found = attention.available_backends()
     except Exception as e:  # a broken kernel package must not break the doctor
         return Check("attention", "WARN", f"cannot check the attention kernels ({e.__class__.__name__}: {e})",

@@ -78,7 +78,7 @@ def _encoder_classes() -> dict:
     """Build the stand-in classes (sgm is imported only now)."""
     import torch
 
-    from .diffusion_video import cpu_safe_defaults
+    from ..diffusion_video import cpu_safe_defaults
 
     with cpu_safe_defaults():
         from sgm.modules.encoders import clip, umt5
@@ -142,7 +142,7 @@ def randomize_(module, device, seed: int, dtype) -> None:
     """
     import torch
 
-    from .lazy_init import materialize_
+    from ..model.lazy_init import materialize_
 
     materialize_(module, device, dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -168,8 +168,8 @@ def _save(obj, path: Path) -> None:
         torch.save(obj, tmp)
     except (OSError, RuntimeError) as exc:
         # A full disk shows up as torch's "unexpected pos" RuntimeError.
-        from .errors import UserError
-        from .weights import human_bytes
+        from ..errors import UserError
+        from ..weights.checkpoint import human_bytes
 
         tmp.unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free
@@ -188,7 +188,7 @@ def _on_cpu(state_dict, dtype) -> dict:
 def _t5_encoder(full: bool):
     import torch
 
-    from .diffusion_video import cpu_safe_defaults
+    from ..diffusion_video import cpu_safe_defaults
 
     with cpu_safe_defaults():
         from sgm.modules.encoders import umt5
@@ -201,7 +201,7 @@ def _t5_encoder(full: bool):
 def _clip_model(full: bool):
     import torch
 
-    from .diffusion_video import cpu_safe_defaults
+    from ..diffusion_video import cpu_safe_defaults
 
     with cpu_safe_defaults():
         from sgm.modules.encoders import clip
@@ -228,8 +228,8 @@ def _dit_state_dict(config, device, seed: int):
 
     import torch
 
-    from . import arguments
-    from .diffusion_video import build_dit
+    from .. import arguments
+    from ..diffusion_video import build_dit
 
     # The DiT's parallel layers ask sat's model-parallel group for its size.
     arguments.initialize_distributed(argparse.Namespace(
@@ -302,7 +302,7 @@ def _write_example(folder: Path, height: int, width: int, frames: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from . import video_io
+    from ..io import video as video_io
 
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(_figure(height, width, 0.0, (90, 140, 200), (240, 200, 60))).save(folder / "ref.jpg",
@@ -319,7 +319,7 @@ def _write_config(path: Path, weights: Path, cache: Path, *, height: int, width:
                   full_encoders: bool) -> None:
     from omegaconf import OmegaConf
 
-    from .arguments import packaged_config_path
+    from ..arguments import packaged_config_path
 
     config = OmegaConf.load(packaged_config_path())
     config.args.weights = str(weights)
@@ -335,7 +335,7 @@ def _write_config(path: Path, weights: Path, cache: Path, *, height: int, width:
     if not full_encoders:
         model.conditioner_config.params.emb_models[0].target = f"{__name__}.TinyT5EncoderModel"
         model.i2v_clip_config.target = f"{__name__}.TinyCLIPModel"
-    header = ("# A tiny SCAIL with random weights, written by scail_win.smoke (for pipeline checks only).\n"
+    header = ("# A tiny SCAIL with random weights, written by scail_win.testing.smoke (for pipeline checks only).\n"
               "# Same classes and mixins as the packaged config; see the model: section for the sizes.\n")
     path.write_text(header + OmegaConf.to_yaml(config), encoding="utf-8")
 
@@ -356,8 +356,8 @@ def make_smoke_setup(root: PathLike, *, height: int = SMOKE_SIZE[0], width: int 
     """
     import torch
 
-    from . import arguments
-    from .model_loader import require_scail_code
+    from .. import arguments
+    from ..model.loader import require_scail_code
 
     if height % 32 or width % 32 or min(height, width) < 32:
         raise ValueError(f"height and width must be multiples of 32, got {height}x{width}")

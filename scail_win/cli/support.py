@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Callable
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger("scail_win")
 

@@ -19,10 +19,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, List, Optional, Sequence
 
-from .errors import UserError
+from ..errors import UserError
 
 if TYPE_CHECKING:
-    from .model_spec import ModelSpec
+    from ..model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def validate_job(job: Job, *, resolution: Sequence[int], max_frames: int,
     most pose frames to use (from ``resolve_max_frames``).  Every problem is a
     one-line UserError naming the file.
     """
-    from . import video_io
+    from . import video as video_io
 
     prefix = f"{job.source}: " if job.source else ""
     folder = Path(job.input_dir)

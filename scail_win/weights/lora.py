@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .errors import UserError
+from ..errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -99,7 +99,7 @@ def specs(values: Sequence[str]) -> List[LoraSpec]:
 
 def specs_from_args(args) -> List[LoraSpec]:
     """The run's ``--lora`` values (:mod:`scail_win.run_config`) parsed; the files must exist."""
-    from .run_config import of
+    from ..run_config import of
 
     return specs(of(args).sampling.lora)
 
@@ -109,7 +109,7 @@ def identity(args) -> Optional[str]:
 
     None without LoRAs, so fingerprints of jobs without any stay as they were.
     """
-    from .embed_cache import file_identity
+    from ..io.embed_cache import file_identity
 
     merged = specs_from_args(args)
     return ";".join(f"{file_identity(s.path)}@{s.strength!r}" for s in merged) if merged else None
@@ -329,7 +329,7 @@ class LoraFile:
 def _open(path: Path):
     from safetensors import safe_open
 
-    from .weights import HeaderError, read_safetensors_header
+    from .checkpoint import HeaderError, read_safetensors_header
 
     try:
         read_safetensors_header(path)
@@ -473,7 +473,7 @@ def merged_fp8(q: "torch.Tensor", scale: "torch.Tensor", terms: List[Term], comp
     """An fp8 weight with per-row ``scale``: dequantized, merged, requantized; (q, scale) in place."""
     import torch
 
-    from .weights import FP8_MAX
+    from .checkpoint import FP8_MAX
 
     compute = torch.device(compute) if compute is not None else q.device
     src = _row_view(q)

@@ -26,7 +26,7 @@ are always computed; after ``max_skips`` skipped forwards in a row one is
 computed.
 
 Place in the hook chain: outermost (its rank in
-:mod:`scail_win.hook_registry`).  It wraps the ``layer_forward`` the model
+:mod:`scail_win.placement.registry`).  It wraps the ``layer_forward`` the model
 has (upstream's, lean layers, a BlockSwap's trigger), so a skipped layer
 does not enter the block swap and its weights are not streamed in.  The
 swap then sees, at the next forward, layer 0 again -- the group it entered
@@ -57,7 +57,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional
 
-from .hook_registry import LAYER_FORWARD, HookRegistry
+from ..placement.registry import LAYER_FORWARD, HookRegistry
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +77,7 @@ _TINY = 1e-30
 
 def step_cache_threshold(args) -> Optional[float]:
     """The run's ``--step-cache`` threshold (:mod:`scail_win.run_config`), or None when the cache is off."""
-    from .run_config import of
+    from ..run_config import of
 
     return of(args).numerics.step_cache or None
 

@@ -25,7 +25,7 @@ Two rounding modes:
   input dtype.
 
 The mixin class needs sat (its base class), so it is built on first access
-of ``scail_win.rope3d.Rotary3DPositionEmbeddingMixin``, the name to put as
+of ``scail_win.model.kernels.rope3d.Rotary3DPositionEmbeddingMixin``, the name to put as
 ``pos_embed_config.target`` in the model config, with ``rope_mode`` (and
 optionally ``rope_inplace``) among its params.  This module imports no SCAIL
 code.

@@ -2,7 +2,7 @@
 
 Converted fp8 checkpoints hold each per-layer Linear weight as
 float8_e4m3fn with a float32 scale per output channel
-(:mod:`scail_win.weights`). By default those are upcast to bf16 where they
+(:mod:`scail_win.weights.checkpoint`). By default those are upcast to bf16 where they
 land on the GPU. With fp8 matmul on a GPU with fp8 tensor cores (sm_89 and
 newer) the weights stay fp8 on the GPU (half the memory and copy) and each
 linear runs ``torch._scaled_mm``: the activation is quantized per row (per
@@ -26,7 +26,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from scail_win.weights import FP8_MAX, dequantize, is_fp8_candidate, relative_error
+from scail_win.weights.checkpoint import FP8_MAX, dequantize, is_fp8_candidate, relative_error
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Row r of ``x.reshape(-1, K)`` is ``q[r] * scale[r]`` within e4m3's
     rounding; ``scale = amax(|row|) / 448`` (1 for an all-zero row), as
-    :func:`scail_win.weights.quantize_fp8` scales a weight's channels.
+    :func:`scail_win.weights.checkpoint.quantize_fp8` scales a weight's channels.
     Each value is rounded once: the quotient is computed in float32 and
     written as e4m3 by the division itself (one read of ``x``, no float32
     copy); where a device cannot, in chunks of rows through float32.
@@ -102,7 +102,7 @@ def _probe(device: torch.device) -> Optional[str]:
     x = torch.randn(37, 64, generator=gen).to(device, torch.bfloat16)
     w = torch.randn(48, 64, generator=gen)
     bias = torch.randn(48, generator=gen).to(device, torch.bfloat16)
-    from scail_win.weights import quantize_fp8
+    from scail_win.weights.checkpoint import quantize_fp8
 
     wq, ws = quantize_fp8(w)
     wq, ws = wq.to(device), ws.to(device)
@@ -145,7 +145,7 @@ def _is_linear(module: nn.Module) -> bool:
 def fp8_linear_weights(model: nn.Module) -> set[str]:
     """Names (as in ``model.state_dict()``) of the linear weights fp8 matmuls can take.
 
-    Those fp8 checkpoints store in fp8 (:func:`scail_win.weights.is_fp8_candidate`)
+    Those fp8 checkpoints store in fp8 (:func:`scail_win.weights.checkpoint.is_fp8_candidate`)
     whose sizes are multiples of 16. Works on a model built on ``meta``.
     """
     names = set()
@@ -185,7 +185,7 @@ class Fp8Linears:
     slot = None  # each linear's own forward, not the model's
 
     def __init__(self, model: nn.Module, modules: Iterable[nn.Module], use_scaled_mm: bool):
-        from .hook_registry import HookRegistry
+        from ...placement.registry import HookRegistry
 
         self.model = model
         self.use_scaled_mm = use_scaled_mm
@@ -252,7 +252,7 @@ class Fp8Linears:
             module._parameters["weight"] = weight
 
     def remove(self) -> None:
-        from .hook_registry import HookRegistry
+        from ...placement.registry import HookRegistry
 
         if self.installed:
             HookRegistry.of(self.model).remove(self.name)

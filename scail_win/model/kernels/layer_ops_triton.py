@@ -11,7 +11,7 @@ Callers validate arguments (layer_ops.py); these wrappers only launch.
 import triton
 import triton.language as tl
 
-from scail_win.rotary_triton import _on_device
+from scail_win.model.kernels.rotary_triton import _on_device
 
 
 def _row_launch(x):

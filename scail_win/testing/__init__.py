@@ -1,0 +1,1 @@
+"""Test support shipped with the package: the tiny random SCAIL behind ``--smoke``."""

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: formats, integrity checks, conversion, prefetch and LoRA files."""
