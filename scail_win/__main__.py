@@ -12,7 +12,7 @@ import sys
 from typing import List, Optional
 
 COMMANDS = {
-    "sample": ("scail_win.sample", "make videos (ref image + pose video -> animation)"),
+    "sample": ("scail_win.cli.sample", "make videos (ref image + pose video -> animation)"),
     "convert": ("scail_win.weights.convert", "convert SCAIL-Preview weights to safetensors (bf16 or fp8)"),
     "doctor": ("scail_win.cli.doctor", "check this machine, the SCAIL checkout and the weights"),
     "hook": ("scail_win.hook", "show whether the startup import hook is active and what it redirects"),

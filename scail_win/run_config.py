@@ -314,7 +314,7 @@ class RunConfig:
 
     @classmethod
     def from_cli(cls, opts: argparse.Namespace) -> "RunConfig":
-        """From ``scail-win sample``'s options, once :func:`scail_win.sample.prepare` resolved them.
+        """From ``scail-win sample``'s options, once :func:`scail_win.cli.sample.prepare` resolved them.
 
         ``--fast`` is already in ``steps`` and ``cfg_scale`` by then.
         """

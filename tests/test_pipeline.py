@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from scail_win import sample
+from scail_win.cli import sample
 from scail_win.testing import smoke
 
 HERE = Path(__file__).resolve().parent

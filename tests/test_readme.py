@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from scail_win import arguments, hook, sample
+from scail_win import arguments, hook
+from scail_win.cli import sample
 from scail_win.weights import convert
 from scail_win.cli import doctor
 

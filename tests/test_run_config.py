@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from scail_win import arguments, run_config, sample
+from scail_win import arguments, run_config
+from scail_win.cli import sample
 from scail_win.errors import UserError
 from scail_win.run_config import RunConfig
 
@@ -184,7 +185,8 @@ from pathlib import Path
 from scail_win import hook
 hook.install()
 from omegaconf import OmegaConf
-from scail_win import arguments, sample
+from scail_win import arguments
+from scail_win.cli import sample
 from scail_win.arguments import get_args, packaged_config_path
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scail_win import sample
+from scail_win.cli import sample
 from scail_win.io import jobs
 from scail_win.errors import UserError
 

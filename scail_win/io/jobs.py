@@ -4,7 +4,7 @@ A job is a prompt and an example folder (upstream's ``<prompt>@@<dir>``
 lines). :func:`validate_job` finds the reference image and pose video by
 upstream's names, probes them, and settles the frame count, the sampling
 size and the output name, so that a typo costs a second, not minutes of
-loading. Used by the CLI (:mod:`scail_win.sample`) and by the drop-in
+loading. Used by the CLI (:mod:`scail_win.cli.sample`) and by the drop-in
 stdin loop (:mod:`scail_win.sample_video`).
 """
 
