@@ -15,7 +15,7 @@ Stages (--stages):
                          group, everything cast to bf16), driven through
                          upstream's sampling steps (VAE encodes, CLIP, T5,
                          engine.sample, VAE decode);
-              scail-win  scail_win.sample_video (encode_job, denoise, decode)
+              scail-win  scail_win.pipeline (encode_job, denoise, decode)
                          on scail-win's engine, RoPE exact and fp32.
             Same inputs; the seed is set right before sampling (upstream's
             noise otherwise depends on how many random numbers its weight
@@ -183,17 +183,17 @@ def upstream_run(opts, config, job, inputs, device):
 def scail_win_run(opts, config, job, rope_mode, device):
     import torch
 
-    from scail_win import arguments, sample_video
+    from scail_win import arguments, pipeline, sample_video
 
     args = arguments.get_args(["--base", str(config), "--seed", str(opts.seed), "--rope-mode", rope_mode])
     model = sample_video.build_model(args)
-    cond = sample_video.encode_job(model, job, args)
+    cond = pipeline.encode_job(model, job, args)
     out = {key: cond.c[key] for key in CONDITIONING}
     out["uc_crossattn"] = cond.uc["crossattn"]
     rng_before_sampling = torch.get_rng_state()
     torch.manual_seed(opts.seed)
-    out["latents"] = sample_video.denoise(model, cond, args, None, "", 0, False)
-    out["video"] = sample_video.decode(model, out["latents"])
+    out["latents"] = pipeline.denoise(model, cond, args, None, "", 0, False)
+    out["video"] = pipeline.decode(model, out["latents"])
     return {k: v.float().cpu() for k, v in out.items()}, rng_before_sampling
 
 

@@ -81,7 +81,7 @@ def main(scail_root: Path, setup_dir: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from sgm.modules.diffusionmodules.sampling import RFSampler
 
-    from scail_win import arguments, sample_video
+    from scail_win import arguments, pipeline, sample_video
     from scail_win.weights import prefetch
     from scail_win.io import resume
     from scail_win.testing import smoke
@@ -100,15 +100,15 @@ def main(scail_root: Path, setup_dir: Path, out: Path) -> None:
     report["prefetched"] = sorted(str(path) for path in prefetch._started)
     job = validate_job(Job(prompt=smoke.SMOKE_PROMPT, input_dir=setup.example), resolution=SIZE,
                        max_frames=FRAMES, output_dir=out / "samples")
-    cache = sample_video.TextEmbeddingCache(EmbedCache(out / "cache"),
+    cache = pipeline.TextEmbeddingCache(EmbedCache(out / "cache"),
                                             args.model_config.conditioner_config.params.emb_models[0].params)
-    cond = sample_video.encode_job(model, job, args, cache)
+    cond = pipeline.encode_job(model, job, args, cache)
     report["shape"] = list(cond.shape)
 
     # Resume: interrupted during step INTERRUPT_AT + 1, then continued.
     state_file = out / "state.resume.safetensors"
     torch.manual_seed(11)
-    tensors["uninterrupted"] = sample_video.denoise(model, cond, args, None, "fp", 0, False)
+    tensors["uninterrupted"] = pipeline.denoise(model, cond, args, None, "fp", 0, False)
     original_step = RFSampler.sampler_step
     calls = {"n": 0}
 
@@ -122,7 +122,7 @@ def main(scail_root: Path, setup_dir: Path, out: Path) -> None:
     torch.manual_seed(11)
     RFSampler.sampler_step = interrupted_step
     try:
-        sample_video.denoise(model, cond, args, state_file, "fp", 1, False)
+        pipeline.denoise(model, cond, args, state_file, "fp", 1, False)
         report["interrupt_raised"] = False
     except KeyboardInterrupt:
         report["interrupt_raised"] = True
@@ -131,7 +131,7 @@ def main(scail_root: Path, setup_dir: Path, out: Path) -> None:
     report["interrupt_log"] = records.take()
     report["saved_step"] = resume.load_state(state_file, "fp").step
     torch.manual_seed(999)  # the saved RNG state must win over the current one
-    tensors["resumed"] = sample_video.denoise(model, cond, args, state_file, "fp", 1, True)
+    tensors["resumed"] = pipeline.denoise(model, cond, args, state_file, "fp", 1, True)
     report["resume_log"] = records.take()
 
     # Upstream's engine, same weights, inputs and seed.
@@ -147,7 +147,7 @@ def main(scail_root: Path, setup_dir: Path, out: Path) -> None:
     rng = torch.get_rng_state()
     fresh = sample_video.build_model(args)
     records.take()
-    c, uc = sample_video.text_conditioning(fresh, smoke.SMOKE_PROMPT, cache)
+    c, uc = pipeline.encode_text(fresh, smoke.SMOKE_PROMPT, cache)
     report["cache_log"] = records.take()
     report["cache_built"] = sorted(fresh._lazy)
     tensors["cached_c"], tensors["first_c"] = c["crossattn"], cond.c["crossattn"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from scail_win import arguments, run_config
+from scail_win import arguments, pipeline, run_config
 from scail_win.cli import sample
 from scail_win.errors import UserError
 from scail_win.run_config import RunConfig
@@ -336,14 +336,13 @@ def test_upstream_args_equal_the_former_command_line_round_trip(tmp_path):
 
 
 def test_the_resume_fingerprint_settings_are_the_non_default_numerics_and_the_loras(tmp_path):
-    from scail_win import sample_video
     from scail_win.weights import lora
 
-    assert sample_video.numerics_settings(argparse.Namespace()) == {}
-    assert sample_video.numerics_settings(argparse.Namespace(sampler="euler", attention="auto", step_cache=0.0,
+    assert pipeline.numerics_settings(argparse.Namespace()) == {}
+    assert pipeline.numerics_settings(argparse.Namespace(sampler="euler", attention="auto", step_cache=0.0,
                                                              fp8_matmul=False, rope_mode="exact")) == {}
     weights = tmp_path / "style.safetensors"
     weights.write_bytes(b"x")
     args = argparse.Namespace(sampler="unipc", step_cache="0.1", lora=[f"{weights}:0.5"])
-    assert sample_video.numerics_settings(args) == dict(sampler="unipc", step_cache=0.1,
+    assert pipeline.numerics_settings(args) == dict(sampler="unipc", step_cache=0.1,
                                                         lora=lora.identity(args))

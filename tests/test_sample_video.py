@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from scail_win import sample_video
+from scail_win import pipeline, sample_video
 from scail_win.errors import UserError
 from scail_win.io.jobs import Job
 from scail_win.phases import Phase
@@ -35,7 +35,7 @@ def test_a_batch_goes_on_after_a_failure_and_summarizes(monkeypatch, tmp_path, c
         out.write_bytes(b"video")
         return out
 
-    monkeypatch.setattr(sample_video, "run_one", run_one)
+    monkeypatch.setattr(pipeline, "run_job", run_one)
     model = fake_model("denoise")
     with caplog.at_level("INFO", logger="scail_win.sample_video"):
         results = sample_video.run_batch(model, jobs, types.SimpleNamespace(), None)
