@@ -67,6 +67,8 @@ def parse_args(argv):
     p.add_argument("--tiny", action="store_true", help="the smoke test's tiny DiT (CPU-sized)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--scail-root", default=os.environ.get("SCAIL_ROOT", "."),
+                   help="SCAIL checkout whose DiT code is imported (default: $SCAIL_ROOT, else the current folder)")
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
     args.size = tuple(int(v) for v in args.size.lower().split("x"))
@@ -434,6 +436,8 @@ def stage_quality(opts, engine, args, device, res):
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    # The DiT module (dit_video_crossattn_sc_xc) lives at the SCAIL tree's top level.
+    sys.path.insert(0, str(Path(opts.scail_root).resolve()))
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     device = torch.device(opts.device)
     if device.type == "cuda" and device.index is None:
