@@ -125,10 +125,19 @@ def conditioning(engine, size, frames, device, seed=1):
     return c, uc, (t, 16, lh, lw)
 
 
+def set_options(args, **values):
+    """Change run options the way a run gets them: in the RunConfig attached to ``args``."""
+    from scail_win import run_config
+
+    setattr(args, run_config.ATTRIBUTE, run_config.of(args).with_options(**values))
+
+
 def configure(engine, sampler="euler", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, attention="sdpa"):
     from scail_win.model.kernels import attention as attention_mod
 
-    engine.args.sampler = sampler
+    set_options(engine.args, sampler=sampler)
+    if engine.sampling_settings()[0] != sampler:
+        raise RuntimeError(f"the engine samples with {engine.sampling_settings()[0]}, not {sampler}")
     engine.sampler.num_steps = steps
     engine.sampler.guider.scale = cfg
     attention_mod.configure(attention)
@@ -198,7 +207,7 @@ class Placement:
 
         self.engine, self.device, self.budget = engine, device, budget
         dit = engine.model.diffusion_model
-        args.vram_budget = budget
+        set_options(args, vram_budget=budget)
         plan = model_loader.make_plan(args, dit, device)
         if budget is not None and device.type == "cuda":
             dit.to("cpu")

@@ -333,6 +333,12 @@ class RunConfig:
         """Option name -> value, flat."""
         return {name: getattr(getattr(self, group), name) for name, (group, _) in _FIELDS.items()}
 
+    def with_options(self, **values) -> "RunConfig":
+        """A copy with the named options changed (checked like any other value); None restores a default."""
+        options = self.options()
+        options.update(values)
+        return RunConfig.from_options(options)
+
     def updated_from(self, args) -> "RunConfig":
         """This config with the flag values upstream-style ``args`` hold (the configs' ``args:`` merged in)."""
         values = self.options()

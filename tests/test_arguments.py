@@ -626,7 +626,10 @@ def test_get_args_on_a_gpu(tmp_path):
     import torch
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    env = child_env(tmp_path, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    # The GPU machine may have only SCAIL's vendored sat, not PyPI's.
+    root = os.environ.get("SCAIL_ROOT")
+    extra = dict(vendored_sat=True, scail_root=root) if root else {}
+    env = child_env(tmp_path, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", **extra)
     report = finish(start_child(tmp_path, [], env))
     assert report["device"] == "cuda" and report["cuda_current"] == 0
     assert report["all_to_all"] == [0.0, 1.0, 2.0, 3.0] and report["collectives_ok"]

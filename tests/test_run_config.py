@@ -168,6 +168,15 @@ def test_of_attaches_one_config_built_from_the_args():
     assert run_config.of(argparse.Namespace(sampler="unipc", run_config=attached)) is attached
 
 
+def test_with_options_changes_only_the_named_options_and_checks_them():
+    config = RunConfig.from_options(dict(sampler="unipc", vram_budget=8, steps=20))
+    changed = config.with_options(sampler="dpmpp_2m", vram_budget=None)
+    assert (changed.sampling.sampler, changed.memory.vram_budget, changed.sampling.steps) == ("dpmpp_2m", None, 20)
+    assert config.sampling.sampler == "unipc"
+    with pytest.raises(UserError, match="--sampler ddim"):
+        config.with_options(sampler="ddim")
+
+
 def test_updated_from_takes_the_flag_values_of_the_args():
     config = RunConfig.from_options(dict(steps=8, max_frames=9, sampler="unipc"))
     args = argparse.Namespace(sampler="unipc", t5_cpu=True, seed=5, base=["c.yaml"], max_frames=100)

@@ -140,6 +140,16 @@ def test_solver_slot_equals_the_solver_on_the_guided_velocity(name):
     assert torch.equal(out, ref)
 
 
+def test_the_attached_run_config_picks_the_solver_not_a_stale_args_attribute():
+    from scail_win import run_config
+
+    euler = run(make_engine(sampler="euler"))
+    engine = make_engine(sampler="euler")
+    engine.args.run_config = run_config.RunConfig.from_options(dict(sampler="unipc"))
+    assert engine.sampling_settings() == ("unipc", None)
+    assert torch.allclose(run(engine), run(make_engine(sampler="unipc"))) and not torch.allclose(run(engine), euler)
+
+
 def test_shift_changes_the_schedule():
     base, shifted = run(make_engine(steps=4, shift=None)), run(make_engine(steps=4, shift=2.0))
     same = run(make_engine(steps=4, shift=5.0))
