@@ -55,6 +55,9 @@ LOG = logging.getLogger("bench_dit")
 GIB = 1024 ** 3
 MODEL_YAML = "configs/video_model/Wan2.1-i2v-14Bsc-pose-xc-latent.yaml"
 TEXT_LEN, TEXT_DIM, CLIP_TOKENS, CLIP_DIM = 512, 4096, 257, 1280
+# --rows keys of the resident stage -> its row names.
+RESIDENT_ROWS = {"upstream": "upstream", "fp32": "scail-win fp32 rope", "exact": "scail-win exact rope",
+                 "torch-ops": "fp32, layer ops on PyTorch", "no-lean": "fp32, upstream layer forward"}
 
 
 def parse_args(argv):
@@ -66,6 +69,8 @@ def parse_args(argv):
     p.add_argument("--size", default="512x896", help="HxW in pixels")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--budgets", default="24,12,8", help="card sizes (GiB) for the swap stage")
+    p.add_argument("--rows", default=",".join(RESIDENT_ROWS),
+                   help="the resident stage's rows, comma-separated (upstream is always measured: the baseline)")
     p.add_argument("--repeats", type=int, default=2, help="timed calls after one warm-up")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (quick checks)")
     p.add_argument("--lean-chunk", type=int, default=0,
@@ -78,6 +83,10 @@ def parse_args(argv):
     args.size = tuple(int(v) for v in args.size.lower().split("x"))
     args.stages = [s for s in args.stages.split(",") if s]
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
+    args.rows = [r for r in args.rows.split(",") if r]
+    unknown = set(args.rows) - set(RESIDENT_ROWS)
+    if unknown:
+        p.error(f"--rows {','.join(sorted(unknown))}: choose from {','.join(RESIDENT_ROWS)}")
     if args.lean_chunk < 0:
         p.error("--lean-chunk must be >= 0")
     return args
@@ -265,6 +274,8 @@ def stage_resident(args, cfg, res):
                 ("scail-win exact rope", exact, True, "auto"),
                 ("fp32, layer ops on PyTorch", ours, True, "torch"),
                 ("fp32, upstream layer forward", ours, False, "auto")]
+    wanted = {RESIDENT_ROWS[key] for key in args.rows} | {"upstream"}
+    variants = [v for v in variants if v[0] in wanted]
     rows, outs = [], {}
     torch.cuda.empty_cache()
     weights_gib = torch.cuda.memory_allocated() / GIB
