@@ -185,6 +185,10 @@ def test_step_cache_is_told_every_step():
 @pytest.mark.scail
 def test_guidance_one_with_upstreams_sampler_guider_and_denoiser():
     """Upstream's RFSampler (shift 5), VanillaCFG at scale 1 and Denoiser with RFScaling."""
+    import sat.mpu
+
+    if not hasattr(sat.mpu, "get_sequence_parallel_world_size"):
+        pytest.skip("sgm needs SCAIL's vendored sat; PyPI's SwissArmyTransformer comes first on sys.path here")
     from sgm.modules.diffusionmodules.denoiser import Denoiser as UpstreamDenoiser
     from sgm.modules.diffusionmodules.sampling import RFSampler as UpstreamSampler
 
