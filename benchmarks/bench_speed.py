@@ -143,8 +143,11 @@ def configure(engine, sampler="euler", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, att
     attention_mod.configure(attention)
 
 
-def sample(engine, c, uc, shape, *, stop_after=None, seed=7):
-    """Sample from the seeded noise; returns (latents or None, per-step seconds, first-step x, noise x)."""
+def sample(engine, c, uc, shape, *, stop_after=None, seed=7, states=None):
+    """Sample from the seeded noise; returns (latents or None, per-step seconds, first-step x, noise x).
+
+    ``states``: a list that gets the latents after every step (float32, on the CPU).
+    """
     device = engine.compute_device
     times, first = [], {}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -158,6 +161,8 @@ def sample(engine, c, uc, shape, *, stop_after=None, seed=7):
         last[0] = now
         if not first:
             first["x"] = x.float().cpu()
+        if states is not None:
+            states.append(x.float().cpu())
         if stop_after is not None and len(times) >= stop_after:
             raise _Stop
 
@@ -413,6 +418,23 @@ QUALITY = (  # label, sampler, steps, cache threshold
 )
 
 
+def velocity_roughness(states, steps, shift=5.0):
+    """How far the network's velocity is from smooth along an Euler trajectory.
+
+    Euler's velocity at step i is (x[i+1] - x[i]) / (sigma[i+1] - sigma[i]).
+    Returns the medians of |v[i+1] - v[i]| / |v[i]| and of
+    |v[i+2] - 2 v[i+1] + v[i]| / |v[i+1] - v[i]|: the second is well under 1
+    where the velocity is smooth in time, which multistep solvers rely on.
+    """
+    from scail_win.samplers import flow_sigmas
+
+    sigmas = flow_sigmas(steps, shift)
+    v = [(states[i + 1] - states[i]) / float(sigmas[i + 2] - sigmas[i + 1]) for i in range(len(states) - 1)]
+    first = [float((v[i + 1] - v[i]).norm() / v[i].norm()) for i in range(len(v) - 1)]
+    second = [float((v[i + 2] - 2 * v[i + 1] + v[i]).norm() / (v[i + 1] - v[i]).norm()) for i in range(len(v) - 2)]
+    return statistics.median(first), statistics.median(second)
+
+
 def stage_quality(opts, engine, args, device, res):
     c, uc, shape = conditioning(engine, opts.quality_size, opts.quality_frames, device, seed=3)
     place = Placement(engine, args, device, None)
@@ -424,9 +446,12 @@ def stage_quality(opts, engine, args, device, res):
     for label, sampler, steps, threshold in QUALITY:
         configure(engine, sampler, steps, DEFAULT_CFG, "sdpa")
         cache = with_step_cache(engine, place, threshold) if threshold else None
+        states = [] if label == "euler 50" else None
         t0 = time.perf_counter()
-        out, times, _, _ = sample(engine, c, uc, shape)
+        out, times, _, _ = sample(engine, c, uc, shape, states=states)
         seconds = time.perf_counter() - t0
+        if states is not None:
+            res["velocity_step_change"], res["velocity_second_over_first"] = velocity_roughness(states, steps)
         skipped = f"{cache.skipped}/{cache.skipped + cache.computed}" if cache is not None else ""
         drop_step_cache(engine)
         outs[label] = out
@@ -441,6 +466,9 @@ def stage_quality(opts, engine, args, device, res):
           f"{h}x{w}x{opts.quality_frames}, {sum(p.numel() for p in engine.model.parameters()) / 1e9:.2f} B DiT, "
           "random weights", ("setting", "rel err vs reference", "rel err vs euler 50", "forwards skipped",
                              "seconds"), rows)
+    print(f"Velocity along euler 50: median step-to-step change {res['velocity_step_change']:.3f} (relative); "
+          f"median second difference / first difference {res['velocity_second_over_first']:.2f} "
+          "(well under 1 where it is smooth in time, as multistep solvers assume)\n", flush=True)
 
 
 def main(argv=None) -> int:

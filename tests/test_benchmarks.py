@@ -28,3 +28,36 @@ def test_bench_load_times_every_path_on_the_same_weights(tmp_path):
     assert len({r["checksum"] for r in rows}) == 1
     assert rows[1]["prefetched_gib"] > 0 and rows[3]["prefetched_gib"] == 0
     assert "checksums differ" not in result.stdout
+
+
+def _bench_speed():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_speed.py"
+    spec = importlib.util.spec_from_file_location("bench_speed_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def test_velocity_roughness_tells_a_smooth_velocity_from_a_rough_one():
+    import torch
+
+    from scail_win.samplers import flow_sigmas
+
+    bench_speed, sigmas = _bench_speed(), flow_sigmas(50, 5.0)
+
+    def euler_states(velocity):
+        x, states = torch.tensor([1.0, 2.0]), []
+        for i in range(50):
+            x = x + (sigmas[i + 1] - sigmas[i]) * velocity(i)
+            states.append(x)
+        return states
+
+    smooth = bench_speed.velocity_roughness(euler_states(lambda i: torch.stack([sigmas[i], sigmas[i] ** 2])), 50)
+    rough = bench_speed.velocity_roughness(euler_states(lambda i: torch.tensor([(-1.0) ** i, 1.0 + i % 3])), 50)
+    assert smooth[1] < 0.1 < 1.0 < rough[1]
