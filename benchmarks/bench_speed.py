@@ -136,8 +136,9 @@ def configure(engine, sampler="euler", steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, att
     from scail_win.model.kernels import attention as attention_mod
 
     set_options(engine.args, sampler=sampler)
-    if engine.sampling_settings()[0] != sampler:
-        raise RuntimeError(f"the engine samples with {engine.sampling_settings()[0]}, not {sampler}")
+    used, _ = engine.sampling_settings()
+    if used != sampler:
+        raise RuntimeError(f"the engine samples with {used}, not {sampler}")
     engine.sampler.num_steps = steps
     engine.sampler.guider.scale = cfg
     attention_mod.configure(attention)

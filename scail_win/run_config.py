@@ -341,9 +341,7 @@ class RunConfig:
 
     def updated_from(self, args) -> "RunConfig":
         """This config with the flag values upstream-style ``args`` hold (the configs' ``args:`` merged in)."""
-        values = self.options()
-        values.update({name: getattr(args, name, None) for name in names(OURS, UPSTREAM)})
-        return RunConfig.from_options(values)
+        return self.with_options(**{name: getattr(args, name, None) for name in names(OURS, UPSTREAM)})
 
     def non_default_numerics(self) -> dict:
         """The :data:`FINGERPRINT_OPTIONS` not at their defaults, for a job's resume fingerprint."""

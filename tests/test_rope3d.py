@@ -305,7 +305,8 @@ def load_kernels_interpreted(monkeypatch):
     """A private copy of rotary_triton whose kernels run in Triton's CPU interpreter."""
     pytest.importorskip("triton", reason="Triton is not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    spec = importlib.util.spec_from_file_location("_rotary_triton_interpreted", ROOT / "scail_win" / "model" / "kernels" / "rotary_triton.py")
+    path = ROOT / "scail_win" / "model" / "kernels" / "rotary_triton.py"
+    spec = importlib.util.spec_from_file_location("_rotary_triton_interpreted", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
