@@ -203,7 +203,7 @@ def stage_pipeline(opts, work, res):
     from scail_win.testing import smoke
     from scail_win.io import video as video_io
     from scail_win.io.jobs import Job, validate_job
-    from scail_win.sample_video import load_job_inputs
+    from scail_win.pipeline import load_job_inputs
 
     device = torch.device(opts.device)
     height, width = opts.size
