@@ -84,3 +84,45 @@ def test_benchmark_imports_name_what_the_package_has(script):
                                               and importlib.util.find_spec(f"{module}.{name}") is not None):
             missing.append(f"{script}:{line}: {module} has no {name}")
     assert not missing, "\n".join(missing)
+
+
+def _compare_revisions(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import compare_revisions
+
+    return compare_revisions
+
+
+def test_compare_revisions_tells_a_changed_decision_from_a_changed_estimate(monkeypatch):
+    diff_plans = _compare_revisions(monkeypatch).diff_plans
+    plan = {"blocks_on_gpu": 9, "offload_mode": "pinned", "peaks": {"denoise": 1000, "text": 500}}
+    refusal = "UserError: the DiT does not fit in 2 GiB"
+    base = {"a": plan, "b": plan, "c": plan, "d": refusal, "e": refusal}
+    head = {"a": plan, "b": {**plan, "peaks": {"denoise": 1002, "text": 500}}, "c": {**plan, "blocks_on_gpu": 8},
+            "d": refusal, "e": "UserError: the DiT does not fit in 3 GiB"}
+    diff = diff_plans(base, head)
+    assert diff["decisions_differ"] == ["c", "e"]
+    assert (diff["count"], diff["refused"], diff["identical"], diff["estimates_differ"]) == (5, 2, 2, 1)
+    assert diff["largest_peak_change"] == pytest.approx(0.002)
+    assert diff_plans(base, {**base, "f": plan})["decisions_differ"] == ["f"]
+
+
+@pytest.mark.slow
+def test_compare_revisions_finds_this_checkouts_plans_equal_to_its_own_head(tmp_path):
+    if not (REPO / ".git").exists():
+        pytest.skip("needs the repository's git history")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_revisions.py"), "--base", "HEAD",
+                             "--stages", "plans", "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "compare.json").read_text())["plans"]
+    assert report["count"] == 960 and report["decisions_differ"] == []
+    assert "Memory plans, base vs head" in result.stdout
+
+
+def test_compare_revisions_pipeline_without_scail_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.delenv("SCAIL_ROOT", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        _compare_revisions(monkeypatch).parse_args(["--base", "HEAD", "--stages", "pipeline"])
+    assert exit_info.value.code == 2
+    assert "--scail-root" in capsys.readouterr().err
