@@ -20,7 +20,10 @@ the import path:
             must be bit-identical. Needs SCAIL's code (--scail-root).
 
 The frames are compared before encoding: libx264 does not always encode
-the same frames into the same bytes (see the README's resume section).
+the same frames into the same bytes (see the README's resume section). Not
+covered: what only runs on a GPU (the placement the memory plan makes there:
+block swap, split CFG, T5 swap, VAE tiling), which bench_dit.py and
+parity.py measure.
 
 Usage (repository root):
     python benchmarks/compare_revisions.py --base 58709a6 --scail-root .scail
