@@ -15,14 +15,17 @@ the import path:
   pipeline  one ``--smoke`` job (the tiny random SCAIL of
             scail_win.testing.smoke: upstream's DiT classes at 2 layers, the
             real Wan VAE architecture) per setting (solvers, step cache,
-            guidance 1, shift, RoPE modes, a larger size), on one shared smoke
-            folder: the conditioning, the final latents and the decoded frames
-            must be bit-identical. Needs SCAIL's code (--scail-root).
+            guidance 1, shift, RoPE modes, a larger size, and a memory plan's
+            placement applied through the loader: block swap of every layer,
+            lean layers, split CFG, VAE tiles), on one shared smoke folder:
+            the conditioning, the final latents and the decoded frames must
+            be bit-identical. Needs SCAIL's code (--scail-root).
 
 The frames are compared before encoding: libx264 does not always encode
 the same frames into the same bytes (see the README's resume section). Not
-covered: what only runs on a GPU (the placement the memory plan makes there:
-block swap, split CFG, T5 swap, VAE tiling), which bench_dit.py and
+covered: what only happens on a GPU (the plan the loader makes from the
+card's memory, weights moving between host and card, pinned copies, the
+side-stream prefetch, T5's block swap, the peaks), which bench_dit.py and
 parity.py measure.
 
 Usage (repository root):
@@ -44,6 +47,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("plans", "pipeline")
+PLACED = "<placed>"  # in a setting's flags: apply PLACEMENT after the build (not a sample flag)
+PLACEMENT = dict(blocks_on_gpu=0, prefetch=1, offload_mode="stream", cfg_split=True, layer_chunk_tokens=64,
+                 t5_placement="gpu", clip_placement="gpu", vae_encode_tile_px=(128, 128),
+                 vae_decode_tile_px=(128, 128))
 # name -> (smoke folder size HxWxF, extra sample flags)
 SETTINGS = {
     "euler": ("64x96x5", []),
@@ -54,6 +61,9 @@ SETTINGS = {
     "shift 3": ("64x96x5", ["--shift", "3", "--steps", "6"]),
     "exact rope": ("64x96x5", ["--rope-mode", "exact"]),
     "128x224x17": ("128x224x17", ["--steps", "6"]),
+    # A memory plan's placement applied on the CPU as the loader applies it on a GPU: every layer
+    # block-swapped, lean layers in 64-token chunks, CFG halves in turn, VAE tiles of 128 px.
+    "128x224x17 placed": ("128x224x17", ["--steps", "3", PLACED]),
     "128x224x17 exact unipc": ("128x224x17", ["--steps", "3", "--rope-mode", "exact", "--sampler", "unipc"]),
 }
 PLAN_SIZES = ((512, 896), (480, 832), (720, 1280), (896, 512), (256, 448))
@@ -168,6 +178,8 @@ def side_probe(out: Path, smoke_dir: Path, flags: list, scail_root: str) -> None
         Job, validate_job = _old_module("jobs").Job, _old_module("jobs").validate_job
     from scail_win import arguments, sample_video
 
+    placed = PLACED in flags
+    flags = [f for f in flags if f != PLACED]
     opts = cli.build_parser().parse_args(["--smoke", "--embed-cache", "off", "--seed", "42", "--quiet",
                                           "--output-dir", str(out.parent / "samples"), *flags])
     list(cli.prepare(opts))
@@ -177,12 +189,31 @@ def side_probe(out: Path, smoke_dir: Path, flags: list, scail_root: str) -> None
     opts.base, opts.weights = [smoke_dir / "smoke.yaml"], smoke_dir / "weights"
     args = arguments.args_from_cli(opts)
     model = sample_video.build_model(args)
+    if placed:
+        place(model, new_layout=_new_layout(scail_win))
     cond = pipeline.encode_job(model, job, args, None)
     tensors = {f"{part}.{key}": value.float().cpu() for part in ("c", "uc")
                for key, value in getattr(cond, part).items() if torch.is_tensor(value)}
     tensors["latents"] = pipeline.denoise(model, cond, args, None, "compare", 0, False).float().cpu()
     tensors["frames"] = pipeline.decode(model, tensors["latents"]).float().cpu()
     torch.save({"module": scail_win.__file__, "tensors": tensors}, out)
+
+
+def place(engine, new_layout: bool) -> None:
+    """Apply PLACEMENT to a CPU-built engine through the loader's own apply_memory_plan."""
+    import torch
+
+    if new_layout:
+        from scail_win.model import loader
+        from scail_win.placement.memory_plan import MemoryPlan
+    else:
+        loader, MemoryPlan = _old_module("model_loader"), _old_module("memory").MemoryPlan
+    layers = len(engine.model.diffusion_model.transformer.layers)
+    plan = MemoryPlan(budget_bytes=8 << 30, total_vram_bytes=None, num_layers=layers, label="CPU comparison",
+                      **PLACEMENT)
+    loader.apply_memory_plan(engine, plan, torch.device("cpu"))
+    hooks = engine.installed_hooks() if hasattr(engine, "installed_hooks") else "(not listed before the registry)"
+    print("placed:", plan.describe().replace("\n", ";"), "| hooks:", hooks, flush=True)
 
 
 # ------------------------------------------------------------------ both sides
@@ -293,7 +324,8 @@ def compare_pipeline(trees, opts, work: Path, res: dict) -> tuple[bool, bool]:
                   for k in keys if not (k in base and k in head and torch.equal(base[k], head[k]))}
         res.setdefault("pipeline", {})[name] = {"tensors": len(keys), "differ": differ}
         same &= not differ
-        rows.append((name, " ".join(flags) or "(defaults)", len(keys), len(keys) - len(differ),
+        shown = " ".join("(memory plan applied)" if f == PLACED else f for f in flags)
+        rows.append((name, shown or "(defaults)", len(keys), len(keys) - len(differ),
                      ", ".join(f"{k} {v}" for k, v in differ.items()) or "-"))
     if rows:
         table("Smoke pipeline, base vs head (conditioning, latents, decoded frames; bit for bit)",
