@@ -30,7 +30,7 @@ parity.py measure.
 
 Usage (repository root):
     python benchmarks/compare_revisions.py --base 58709a6 --scail-root .scail
-    python benchmarks/compare_revisions.py --base HEAD~3 --stages plans
+    python benchmarks/compare_revisions.py --base HEAD~3 --head HEAD --stages plans
 Prints a table per stage, writes compare.json to --out; exits 1 when a
 decision or an output differs, 2 when a side fails to run.
 """
@@ -76,6 +76,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", required=True, help="the earlier git revision to compare against")
+    p.add_argument("--head", help="the revision to compare (default: this checkout's files, uncommitted changes too)")
     p.add_argument("--scail-root", default=os.environ.get("SCAIL_ROOT"),
                    help="SCAIL checkout for the pipeline stage")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated: " + ", ".join(STAGES))
@@ -220,12 +221,12 @@ def place(engine, new_layout: bool) -> None:
 
 
 @contextlib.contextmanager
-def base_worktree(revision: str, parent: Path):
-    path = parent / "base"
+def worktree(revision: str, path: Path):
+    """``revision`` checked out at ``path`` (detached) for the block's duration."""
     result = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--force", str(path), revision],
                             capture_output=True, text=True)
     if result.returncode:
-        raise SystemExit(f"error: --base {revision}: git worktree add failed: {result.stderr.strip()}")
+        raise SystemExit(f"error: {revision}: git worktree add failed: {result.stderr.strip()}")
     try:
         yield path
     finally:
@@ -346,12 +347,13 @@ def main(argv=None) -> int:
         opts.scail_root = str(Path(opts.scail_root).resolve())
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"base": opts.base}
+    res = {"base": opts.base, "head": opts.head or "this checkout"}
     same, failed = True, False
     with tempfile.TemporaryDirectory(prefix="scail-win-compare-") as tmp:
         work = Path(tmp)
-        with base_worktree(opts.base, work) as base:
-            trees = {"base": base, "head": REPO}
+        with contextlib.ExitStack() as stack:
+            trees = {"base": stack.enter_context(worktree(opts.base, work / "base")),
+                     "head": stack.enter_context(worktree(opts.head, work / "head")) if opts.head else REPO}
             if "plans" in opts.stages:
                 ok = compare_plans(trees, work, res)
                 same &= ok

@@ -108,12 +108,12 @@ def test_compare_revisions_tells_a_changed_decision_from_a_changed_estimate(monk
 
 
 @pytest.mark.slow
-def test_compare_revisions_finds_this_checkouts_plans_equal_to_its_own_head(tmp_path):
+def test_compare_revisions_finds_a_revisions_plans_equal_to_its_own(tmp_path):
     if not (REPO / ".git").exists():
         pytest.skip("needs the repository's git history")
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_revisions.py"), "--base", "HEAD",
-                             "--stages", "plans", "--out", str(tmp_path)], capture_output=True, text=True,
-                            timeout=240, cwd=tmp_path)
+                             "--head", "HEAD", "--stages", "plans", "--out", str(tmp_path)], capture_output=True,
+                            text=True, timeout=240, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((tmp_path / "compare.json").read_text())["plans"]
     assert report["count"] == 960 and report["decisions_differ"] == []
