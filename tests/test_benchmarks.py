@@ -126,3 +126,14 @@ def test_compare_revisions_pipeline_without_scail_is_a_usage_error(monkeypatch, 
         _compare_revisions(monkeypatch).parse_args(["--base", "HEAD", "--stages", "pipeline"])
     assert exit_info.value.code == 2
     assert "--scail-root" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("*.py")
+                                          if '__name__ == "__main__"' in p.read_text(encoding="utf-8")))
+def test_benchmark_answers_help_without_a_gpu(script):
+    """Module-level code and the option parser of every benchmark run here, not first on the GPU machine."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout
