@@ -21,9 +21,8 @@ the import path:
             the conditioning, the final latents and the decoded frames must
             be bit-identical. Needs SCAIL's code (--scail-root).
 
-The frames are compared before encoding: libx264 does not always encode
-the same frames into the same bytes (see the README's resume section). Not
-covered: what only happens on a GPU (the plan the loader makes from the
+The frames are compared before encoding, so the encoder (its options, or
+libx264 on another CPU) cannot hide or fake a difference. Not covered: what only happens on a GPU (the plan the loader makes from the
 card's memory, weights moving between host and card, pinned copies, the
 side-stream prefetch, T5's block swap, the peaks), which bench_dit.py and
 parity.py measure.

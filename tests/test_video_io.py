@@ -285,6 +285,39 @@ def test_round_trips_do_not_depend_on_earlier_conversions(tmp_path):
     assert all(torch.equal(decoded[0], d) for d in decoded[1:])
 
 
+def smooth_noise(frames, height, width, seed=0):
+    """Frames like a DiT's with random weights: noise at 1/8 size, upsampled bilinearly."""
+    small = torch.rand(frames, 3, height // 8, width // 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return video_io.to_uint8_frames(F.interpolate(small, size=(height, width), mode="bilinear"))
+
+
+def test_the_same_frames_give_the_same_file(tmp_path):
+    # On AVX-512 CPUs libx264's own routines made 29 different files of 40 writes of such a
+    # clip (see video._x264_options); elsewhere the cap is not applied and this holds anyway.
+    frames = smooth_noise(17, 256, 448)
+    files = [video_io.write_video(frames, tmp_path / f"clip{i}.mp4", 16) for i in range(10)]
+    assert len({f.read_bytes() for f in files}) == 1
+
+
+@pytest.fixture
+def fresh_x264_options():
+    video_io._x264_options.cache_clear()
+    yield video_io._x264_options
+    video_io._x264_options.cache_clear()
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT", "SVE256", "unknown"])
+def test_x264_keeps_its_instruction_set_below_avx512(monkeypatch, fresh_x264_options, capability):
+    monkeypatch.setattr(video_io, "_cpu_capability", lambda: capability)
+    assert fresh_x264_options() == ()
+
+
+def test_x264_is_capped_at_avx2_on_avx512_cpus(fresh_x264_options):
+    if video_io._cpu_capability() != "AVX512":
+        pytest.skip(f"this CPU runs torch at {video_io._cpu_capability()}, not AVX512")
+    assert fresh_x264_options() == (("x264-params", video_io._X264_BELOW_AVX512),)
+
+
 def test_write_video_never_overwrites(tmp_path):
     target = tmp_path / "001" / "001_output_000000.mp4"
     target.parent.mkdir()

