@@ -3,8 +3,10 @@
 ``scail`` tests need a SCAIL checkout named by SCAIL_ROOT; ``gpu`` tests a
 CUDA device. Without them they are skipped with the reason shown (-rs).
 """
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +37,15 @@ def pytest_collection_modifyitems(config, items):
                 has_gpu = _cuda_available()
             if not has_gpu:
                 item.add_marker(no_gpu)
+
+
+@pytest.fixture
+def rotary_triton_interpreted(monkeypatch):
+    """A private copy of the Triton rotary kernels that runs in Triton's CPU interpreter."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    path = Path(__file__).resolve().parents[1] / "scail_win" / "model" / "kernels" / "rotary_triton.py"
+    spec = importlib.util.spec_from_file_location("_rotary_triton_interpreted", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -301,32 +301,21 @@ def test_exact_mode_equals_upstream_mixin(sat_mixin, dtype, interleaved, name, m
     assert torch.equal(q, uq) and torch.equal(k, uk)
 
 
-def load_kernels_interpreted(monkeypatch):
-    """A private copy of rotary_triton whose kernels run in Triton's CPU interpreter."""
-    pytest.importorskip("triton", reason="Triton is not installed")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    path = ROOT / "scail_win" / "model" / "kernels" / "rotary_triton.py"
-    spec = importlib.util.spec_from_file_location("_rotary_triton_interpreted", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode,interleaved,name", [("exact", True, "shifted"), ("fp32", True, "odd grid"),
                                                    ("exact", False, "odd grid"), ("fp32", False, "shifted")])
-def test_triton_kernel_in_interpreter(dtype, mode, interleaved, name, monkeypatch):
+def test_triton_kernel_in_interpreter(dtype, mode, interleaved, name, rotary_triton_interpreted):
     # The interpreter truncates float32 -> bfloat16 where GPUs round to nearest.
     truncating = dtype == torch.bfloat16
     if mode == "exact" and truncating:
         pytest.skip("the interpreter truncates to bfloat16; bitwise bfloat16 is checked on the GPU")
-    kernels = load_kernels_interpreted(monkeypatch)
     lay = LAYOUTS[name]
     x = make_input(lay, dtype, batch=1, heads=3)
     rope = make_rope(mode, interleaved)
     table, rows = rope.tables(x, lay)
     out = torch.empty_like(x)
-    kernels.rope3d(x, out, table, rows, interleaved=interleaved, exact=mode == "exact", config=(16, 2, 4))
+    rotary_triton_interpreted.rope3d(x, out, table, rows, interleaved=interleaved, exact=mode == "exact",
+                                     config=(16, 2, 4))
     if mode == "exact":
         assert torch.equal(out, reference(x, lay, interleaved=interleaved, emulate=True)[0])
     else:

@@ -3,7 +3,6 @@
 The reference rotates pairs as complex numbers in float64, independently of
 the implementation's real arithmetic.
 """
-import importlib.util
 import itertools
 import os
 import subprocess
@@ -189,27 +188,16 @@ print("ok")
     assert done.returncode == 0 and done.stdout.strip().startswith("ok"), done.stderr[-2000:]
 
 
-def load_kernels_interpreted(monkeypatch):
-    """A private copy of rotary_triton whose kernels run in Triton's CPU interpreter."""
-    pytest.importorskip("triton", reason="Triton is not installed")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    path = ROOT / "scail_win" / "model" / "kernels" / "rotary_triton.py"
-    spec = importlib.util.spec_from_file_location("_rotary_triton_interpreted", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("interleaved,conjugate,offset_kind", [(True, False, "int"), (False, True, "tensor")])
-def test_triton_kernel_in_interpreter(dtype, interleaved, conjugate, offset_kind, monkeypatch):
-    kernels = load_kernels_interpreted(monkeypatch)
+def test_triton_kernel_in_interpreter(dtype, interleaved, conjugate, offset_kind, rotary_triton_interpreted):
     x, cos, sin, pos = make_case(dtype, seqlen=21, headdim=40, rotary_dim=36)
     offsets = 2 if offset_kind == "int" else torch.tensor([1, 4])
     ref, bound = reference(x, cos, sin, pos, offsets, interleaved, conjugate)
     out = torch.empty_like(x)
     out[..., 36:] = x[..., 36:]
-    kernels.rotary(x, out, cos, sin, pos, offsets, interleaved=interleaved, conjugate=conjugate, config=(8, 2, 4))
+    rotary_triton_interpreted.rotary(x, out, cos, sin, pos, offsets, interleaved=interleaved, conjugate=conjugate,
+                                     config=(8, 2, 4))
     # The interpreter truncates float32 -> bfloat16 where GPUs round to nearest.
     assert_rounded_once(out, ref, bound, dtype, rounding=1.0 if dtype == torch.bfloat16 else 0.5)
 
